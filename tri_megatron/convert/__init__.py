@@ -1,0 +1,1 @@
+"""Checkpoint conversion between megatron-core distributed checkpoints and Hugging Face format."""

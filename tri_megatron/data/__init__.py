@@ -1,0 +1,1 @@
+"""Data: indexed datasets, blends and the dynamic mixture schedule."""

@@ -1,0 +1,1 @@
+"""The Tri model on megatron-core: layer specs, query scaling (SSMax / temperature tuning), MTP wiring."""

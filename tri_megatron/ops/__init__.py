@@ -1,0 +1,1 @@
+"""Autograd ops: each dispatches to its csrc kernel on CUDA and to its PyTorch reference otherwise."""

@@ -1,0 +1,1 @@
+"""Training: loop, optimizer/scheduler, checkpointing, logging, FLOP/MFU accounting."""
