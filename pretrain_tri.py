@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Pretrain a Tri model on megatron-core.
+
+    torchrun --nproc_per_node N pretrain_tri.py --model tri-tiny --mock-data ...
+
+arguments -> validation (exit 2, nothing written) -> distributed init (gloo on CPU, NCCL on GPU)
+-> model, data, optimizer -> training loop -> checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tri_megatron.arguments import ArgumentError, parse_args, validate_args, world_size_from_env
+
+
+def check_before_start(argv=None):
+    """Parse and validate everything checkable without processes or models; exit 2 on error."""
+    args = parse_args(argv)
+    try:
+        validate_args(args, world_size_from_env())
+        from tri_megatron.model.config import padded_vocab_size
+
+        try:
+            padded_vocab_size(args.vocab_size, args.tensor_model_parallel_size)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from None
+        if args.load:
+            from tri_megatron.training.checkpointing import check_compatible, find_latest_checkpoint
+
+            try:
+                check_compatible(find_latest_checkpoint(args.load), args)
+            except ValueError as e:
+                raise ArgumentError(str(e)) from None
+    except ArgumentError as e:
+        print(f"pretrain_tri.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return args
+
+
+def build_data(args, dp_rank: int, dp_size: int):
+    if args.mock_data:
+        from tri_megatron.training.mock_data import MockData
+
+        return MockData(args.seq_length, args.vocab_size, args.micro_batch_size, dp_rank, dp_size, args.seed)
+    from tri_megatron.data.provider import build_data as build_file_data
+
+    return build_file_data(
+        args, dp_rank=dp_rank, dp_size=dp_size,
+        train_samples=args.train_iters * args.global_batch_size,
+        eval_samples=max(args.eval_iters, 1) * args.global_batch_size,
+    )
+
+
+def main(argv=None) -> list:
+    args = check_before_start(argv)
+    from megatron.core import parallel_state
+
+    from tri_megatron.training.distributed import destroy_distributed, init_distributed
+    from tri_megatron.training.loop import Trainer
+    from tri_megatron.training.metrics import MetricsLogger
+
+    env = init_distributed(args)
+    try:
+        data = build_data(args, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+        trainer = Trainer(args)
+        logger = MetricsLogger(args, env["rank"])
+        if env["rank"] == 0:
+            print(f"tri_megatron: {args.model} | layout TP={args.tensor_model_parallel_size} "
+                  f"PP={args.pipeline_model_parallel_size} VPP={args.virtual_pipeline_model_parallel_size or 1} "
+                  f"CP={args.context_parallel_size} DP={args.data_parallel_size} | "
+                  f"{'Transformer Engine' if trainer.use_te else 'local (torch SDPA)'} layers | "
+                  f"starting at iteration {trainer.iteration}", flush=True)
+        history = trainer.train(data, logger)
+        logger.close()
+        return history
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Builds the Tri model: megatron-core ``GPTModel`` chunks for this pipeline rank.
+
+``build_model_chunks`` returns one ``GPTModel`` per virtual pipeline stage held by this rank (one
+without interleaving), each built from the Tri layer spec and, on the last stage, the MTP block.
+"""
+
+from __future__ import annotations
+
+from megatron.core import parallel_state
+from megatron.core.enums import ModelType
+from megatron.core.models.gpt import GPTModel
+
+from tri_megatron.model.config import padded_vocab_size
+from tri_megatron.model.specs import tri_layer_spec, tri_mtp_block_spec
+
+
+def build_gpt_model(config, args, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None) -> GPTModel:
+    layer_spec = tri_layer_spec(config, use_te)
+    mtp_spec = tri_mtp_block_spec(config, layer_spec, use_te, vp_stage=vp_stage) if post_process else None
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=padded_vocab_size(args.vocab_size, args.tensor_model_parallel_size),
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=int(args.rotary_base),
+        mtp_block_spec=mtp_spec,
+        vp_stage=vp_stage,
+    )
+
+
+def build_model_chunks(config, args, use_te: bool) -> list:
+    """This rank's model chunks (parallel_state must be initialised)."""
+    vpp = args.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        stage = vp_stage if vpp > 1 else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        model = build_gpt_model(config, args, use_te, pre, post, vp_stage=stage)
+        model.model_type = ModelType.encoder_or_decoder
+        chunks.append(model)
+    return chunks

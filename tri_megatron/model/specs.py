@@ -1,0 +1,58 @@
+"""Layer specs for the Tri model on megatron-core.
+
+The Transformer Engine spec when TE imports (fused layer-norm + linear, TE flash attention, FP8),
+megatron-core's local spec otherwise, with torch SDPA as core attention instead of megatron's
+unfused one. Either way the core attention applies the Tri query scaling when it is enabled.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+    get_gpt_mtp_block_spec,
+)
+
+from tri_megatron.model.attention import SDPACoreAttention, te_core_attention_with_query_scaling
+
+
+@functools.lru_cache(maxsize=1)
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _te  # noqa: F401
+    except Exception:  # ImportError, or a TE build that does not match torch
+        return False
+    return True
+
+
+def use_transformer_engine(impl: str) -> bool:
+    """Resolve --transformer-impl (auto, transformer_engine, local)."""
+    if impl == "local":
+        return False
+    if impl == "transformer_engine":
+        return True
+    return transformer_engine_available()
+
+
+def tri_layer_spec(config, use_te: bool):
+    """Decoder layer spec: RMSNorm, GQA self-attention with RoPE, SwiGLU MLP, no biases."""
+    if use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec()
+        if getattr(config, "ssmax", False) or getattr(config, "attn_temperature_tuning", False):
+            spec = copy.deepcopy(spec)
+            spec.submodules.self_attention.submodules.core_attention = te_core_attention_with_query_scaling()
+        return spec
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def tri_mtp_block_spec(config, layer_spec, use_te: bool, vp_stage=None):
+    """MTP block spec (megatron-core's MTP layers around our decoder layer); None without MTP."""
+    if not config.mtp_num_layers:
+        return None
+    return get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=use_te, vp_stage=vp_stage)

@@ -1,0 +1,184 @@
+"""Distributed checkpoints (megatron-core dist_checkpointing), atomic, reshardable across layouts.
+
+Layout of a save directory::
+
+    DIR/latest_checkpointed_iteration.txt   # the newest complete checkpoint (written last, atomically)
+    DIR/iter_0000100/                       # dist_checkpointing files + tri_meta.json + rng/
+    DIR/iter_0000100.tmp-*/                 # an interrupted save; never read, removed by the next save
+
+A checkpoint is written into a temporary directory and renamed into place only once every rank has
+finished, so a crash mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "tri_meta.json"
+# Architecture fields that must match for a checkpoint to load into a model.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "vocab_size", "mtp_num_layers", "ssmax", "untie_embeddings_and_output_weights")
+
+
+def iter_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def _complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META)) and os.path.isfile(os.path.join(path, "metadata.json"))
+
+
+def find_latest_checkpoint(root: str):
+    """Path of the newest complete checkpoint under root (or root itself if it is one), else None."""
+    if not root or not os.path.isdir(root):
+        return None
+    if _complete(root):
+        return root
+    tracker = os.path.join(root, TRACKER)
+    if os.path.isfile(tracker):
+        try:
+            path = iter_dir(root, int(open(tracker).read().strip()))
+            if _complete(path):
+                return path
+        except ValueError:
+            pass
+    done = sorted(p for p in glob.glob(os.path.join(root, "iter_*")) if not p.count(".tmp") and _complete(p))
+    return done[-1] if done else None
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, META)) as f:
+        return json.load(f)
+
+
+def check_compatible(path: str, args) -> None:
+    """Raise ValueError naming the first architecture field in which the checkpoint differs."""
+    saved = read_meta(path)["model"]
+    for field in SHAPE_FIELDS:
+        ours = getattr(args, field, None)
+        if field in saved and saved[field] != ours:
+            flag = "--" + field.replace("_", "-")
+            raise ValueError(
+                f"--load {path}: checkpoint has {field}={saved[field]} but this run has {flag} {ours}; "
+                f"use the checkpoint's model settings or another --load"
+            )
+
+
+def _model_sharded_state_dict(model: list) -> dict:
+    if len(model) == 1:
+        return {"model": model[0].sharded_state_dict()}
+    sd = {}
+    for i, m in enumerate(model):
+        parallel_state.set_virtual_pipeline_model_parallel_rank(i)
+        sd[f"model{i}"] = m.sharded_state_dict()
+    parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+    return sd
+
+
+def _rng_state() -> dict:
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _layout(args) -> dict:
+    return {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
+            "vpp": args.virtual_pipeline_model_parallel_size, "dp": args.data_parallel_size,
+            "cp": args.context_parallel_size}
+
+
+_OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def save_checkpoint(root: str, iteration: int, model: list, optimizer, scheduler, consumed_samples: int, args) -> str:
+    rank = dist.get_rank()
+    final = iter_dir(root, iteration)
+    tmp = final + ".tmp-save"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        for stale in glob.glob(os.path.join(root, "iter_*.tmp-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_sd = _model_sharded_state_dict(model)
+    state = dict(model_sd)
+    if optimizer is not None and not args.no_save_optim:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_META)
+    state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    state["iteration"] = iteration
+    state["consumed_samples"] = consumed_samples
+    dist_checkpointing.save(state, tmp)
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
+    dist.barrier()
+    if rank == 0:
+        model_meta = {f: getattr(args, f, None) for f in SHAPE_FIELDS}
+        model_meta.update(model=args.model, seq_length=args.seq_length, rotary_base=args.rotary_base,
+                          no_rope_freq=args.no_rope_freq, window_size=args.window_size,
+                          window_attn_skip_freq=args.window_attn_skip_freq,
+                          attn_temperature_tuning=bool(args.attn_temperature_tuning),
+                          attn_floor_scale=args.attn_floor_scale, attn_scale=args.attn_scale,
+                          norm_epsilon=args.norm_epsilon, max_position_embeddings=args.max_position_embeddings)
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump({"iteration": iteration, "consumed_samples": consumed_samples, "layout": _layout(args),
+                       "model": model_meta, "has_optimizer": "optimizer" in state}, f, indent=1)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(root: str, model: list, optimizer, scheduler, args) -> tuple:
+    """Load the newest complete checkpoint under root into model/optimizer/scheduler.
+
+    Returns (iteration, consumed_samples). The RNG state is restored only under the layout it was
+    saved with (it is per rank); resharded loads keep the freshly seeded RNG.
+    """
+    path = find_latest_checkpoint(root)
+    if path is None:
+        raise FileNotFoundError(f"--load {root}: no complete checkpoint")
+    meta = read_meta(path)
+    model_sd = _model_sharded_state_dict(model)
+    state = dict(model_sd)
+    load_optim = optimizer is not None and meta.get("has_optimizer", False)
+    if load_optim:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_META)
+    loaded = dist_checkpointing.load(state, path)
+    if len(model) == 1:
+        model[0].load_state_dict(loaded["model"])
+    else:
+        for i, m in enumerate(model):
+            m.load_state_dict(loaded[f"model{i}"])
+    if load_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and loaded.get("scheduler"):
+        scheduler.load_state_dict(loaded["scheduler"])
+    if meta["layout"] == _layout(args):
+        rng = torch.load(os.path.join(path, "rng", f"rank{dist.get_rank():05d}.pt"), weights_only=False)
+        random.setstate(rng["random"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        get_cuda_rng_tracker().set_states(rng["tracker"])
+    return int(loaded["iteration"]), int(loaded["consumed_samples"])

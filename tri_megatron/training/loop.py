@@ -1,0 +1,181 @@
+"""The training loop on megatron-core's pipeline schedules.
+
+``setup`` builds model chunks (DDP-wrapped), optimizer and scheduler and loads a checkpoint;
+``train_step`` runs one global batch through ``get_forward_backward_func()`` (1F1B, interleaved
+when VPP > 1, or no pipelining) and the optimizer; ``train`` loops, logs, evaluates and saves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+from tri_megatron.model.builder import build_model_chunks
+from tri_megatron.model.config import transformer_config_from_args
+from tri_megatron.model.specs import use_transformer_engine
+from tri_megatron.training import checkpointing
+from tri_megatron.training.flops import detect_peak_tflops, hardware_flops_per_iteration, model_flops_per_iteration
+from tri_megatron.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.use_te = use_transformer_engine(args.transformer_impl)
+        self.config = transformer_config_from_args(args, self.use_te)
+        self.model = wrap_ddp(build_model_chunks(self.config, args, self.use_te), self.config, args)
+        self.optimizer = build_optimizer(self.model, self.config, args)
+        self.scheduler = build_scheduler(self.optimizer, args)
+        self.iteration = 0
+        self.consumed_samples = 0
+        if args.load:
+            self.iteration, self.consumed_samples = checkpointing.load_checkpoint(
+                args.load, self.model, self.optimizer, self.scheduler, args)
+        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+        self.peak_tflops = args.peak_tflops or detect_peak_tflops()
+        self.world_size = dist.get_world_size()
+
+    # ------------------------------------------------------------------ steps
+    @staticmethod
+    def _loss_func(loss_mask, output_tensor):
+        losses = output_tensor.float().reshape(-1)
+        mask = loss_mask.reshape(-1).float()
+        loss_sum = torch.sum(losses * mask)
+        num_tokens = mask.sum().to(torch.int)
+        return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None,
+                       labels=batch["labels"], loss_mask=batch["loss_mask"])
+        return output, partial(self._loss_func, batch["loss_mask"])
+
+    def _iterators(self, make):
+        """One iterator per model chunk, all over the same micro-batch sequence."""
+        return [make() for _ in self.model] if len(self.model) > 1 else make()
+
+    def _run_schedule(self, data_iterator, forward_only: bool) -> list:
+        return get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=data_iterator,
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.num_microbatches,
+            seq_length=self.args.seq_length,
+            micro_batch_size=self.args.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _reduce_losses(self, losses_reduced: list) -> tuple:
+        """(lm_loss, mtp_loss) averaged over the global batch, known on every rank."""
+        depth = self.args.mtp_num_layers or 0
+        vec = torch.zeros(3 + depth, dtype=torch.float64)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            for item in losses_reduced:
+                vec[:2] += item["lm loss"].double().cpu()
+            tracker = MTPLossLoggingHelper.tracker
+            if depth and "values" in tracker:
+                vec[2:2 + depth] = tracker["values"].double().cpu() / self.num_microbatches
+                vec[-1] = 1.0
+        if depth and "values" in MTPLossLoggingHelper.tracker:
+            MTPLossLoggingHelper.clean_loss_in_tracker()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        vec = vec.to(device)
+        dist.all_reduce(vec)
+        vec = vec.cpu()
+        lm = (vec[0] / vec[1]).item() if vec[1] > 0 else float("nan")
+        mtp = (vec[2:2 + depth].mean() / vec[-1]).item() if depth and vec[-1] > 0 else None
+        return lm, mtp
+
+    def train_step(self, data_iterator) -> dict:
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run_schedule(data_iterator, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        lm_loss, mtp_loss = self._reduce_losses(losses)
+        if ok:
+            self.scheduler.step(increment=self.args.global_batch_size)
+        return {"lm_loss": lm_loss, "mtp_loss": mtp_loss,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok}
+
+    @torch.no_grad()
+    def evaluate(self, data) -> dict:
+        for m in self.model:
+            m.eval()
+        results = {}
+        for domain in data.valid_domains:
+            total, count = 0.0, 0
+            it_source = data.valid_iterator(domain)
+            for _ in range(self.args.eval_iters):
+                losses = self._run_schedule(self._iterators(lambda: it_source), forward_only=True)
+                lm, _ = self._reduce_losses(losses)
+                if not math.isnan(lm):
+                    total, count = total + lm, count + 1
+            results[domain] = total / max(count, 1)
+        for m in self.model:
+            m.train()
+        return results
+
+    # ------------------------------------------------------------------ loop
+    def train(self, data, logger, on_save=None) -> list:
+        args = self.args
+        history = []
+        tokens_per_iter = args.global_batch_size * args.seq_length
+        mflops = model_flops_per_iteration(args, tokens_per_iter)
+        hflops = hardware_flops_per_iteration(args, tokens_per_iter)
+        it = self._iterators(lambda: data.train_iterator(self.consumed_samples))
+        if len(self.model) > 1:  # each chunk walks the same sequence from the same position
+            it = [data.train_iterator(self.consumed_samples) for _ in self.model]
+        for m in self.model:
+            m.train()
+        while self.iteration < args.train_iters:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.time()
+            out = self.train_step(it)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            self.iteration += 1
+            self.consumed_samples += args.global_batch_size
+            tflops = mflops / dt / self.world_size / 1e12
+            record = {
+                "iteration": self.iteration,
+                "lm_loss": out["lm_loss"],
+                "mtp_loss": out["mtp_loss"],
+                "grad_norm": out["grad_norm"],
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "tokens_per_sec": tokens_per_iter / dt,
+                "tflops_per_device": tflops,
+                "hfu_tflops_per_device": hflops / dt / self.world_size / 1e12,
+                "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                "step_time_s": dt,
+                "consumed_samples": self.consumed_samples,
+                "skipped": out["skipped"],
+            }
+            if torch.cuda.is_available():
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            history.append(record)
+            logger.iteration(record, console=self.iteration % args.log_interval == 0)
+            if args.eval_interval and self.iteration % args.eval_interval == 0:
+                logger.eval(self.iteration, self.evaluate(data))
+            if args.save and args.save_interval and self.iteration % args.save_interval == 0:
+                self.save()
+                if on_save:
+                    on_save(self.iteration)
+        if args.save and (not args.save_interval or self.iteration % args.save_interval != 0):
+            self.save()
+            if on_save:
+                on_save(self.iteration)
+        return history
+
+    def save(self) -> str:
+        return checkpointing.save_checkpoint(self.args.save, self.iteration, self.model, self.optimizer,
+                                             self.scheduler, self.consumed_samples, self.args)
