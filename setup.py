@@ -57,6 +57,7 @@ setup(
         "safetensors",
         "pyyaml",
         "tqdm",
+        "psutil",  # dist_checkpointing's writer needs it
     ],
     extras_require={
         "hf": ["transformers>=4.45"],

@@ -142,7 +142,7 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, field) == 0:
             setattr(args, field, None)
     if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
+        args.lr_decay_iters = max(args.train_iters, 1)
     return args
 
 
@@ -160,7 +160,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     vpp = args.virtual_pipeline_model_parallel_size
     for name, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
                     ("--context-parallel-size", cp), ("--micro-batch-size", args.micro_batch_size),
-                    ("--global-batch-size", args.global_batch_size), ("--train-iters", args.train_iters)):
+                    ("--global-batch-size", args.global_batch_size)):
         if v is None or v < 1:
             raise ArgumentError(f"{name}={v}: must be a positive integer")
     if world_size % (tp * pp * cp):
@@ -168,6 +168,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
             f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}; launch a multiple of {tp * pp * cp} processes"
         )
+    if args.train_iters < 0:
+        raise ArgumentError(f"--train-iters={args.train_iters}: must be >= 0 (0 saves the initial weights)")
     dp = world_size // (tp * pp * cp)
     args.data_parallel_size = dp
     if args.num_attention_heads % tp:

@@ -79,6 +79,9 @@ def transformer_config_from_args(args, use_te: bool) -> TriTransformerConfig:
         sequence_parallel=args.sequence_parallel,
         context_parallel_size=args.context_parallel_size,
         pipeline_dtype=dtype,
+        # gloo matches point-to-point messages by order per peer; a batched exchange with the same
+        # rank as both pipeline neighbours (PP=2) would pair them wrongly, so send one by one.
+        batch_p2p_comm=cuda,
         params_dtype=dtype,
         bf16=args.bf16,
         autocast_dtype=dtype,

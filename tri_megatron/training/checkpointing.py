@@ -75,7 +75,13 @@ def check_compatible(path: str, args) -> None:
             )
 
 
+def _unwrap(m):
+    """The GPTModel inside megatron-core's DDP wrapper."""
+    return getattr(m, "module", m)
+
+
 def _model_sharded_state_dict(model: list) -> dict:
+    model = [_unwrap(m) for m in model]
     if len(model) == 1:
         return {"model": model[0].sharded_state_dict()}
     sd = {}
@@ -165,13 +171,14 @@ def load_checkpoint(root: str, model: list, optimizer, scheduler, args) -> tuple
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_META)
     loaded = dist_checkpointing.load(state, path)
     if len(model) == 1:
-        model[0].load_state_dict(loaded["model"])
+        _unwrap(model[0]).load_state_dict(loaded["model"])
     else:
         for i, m in enumerate(model):
-            m.load_state_dict(loaded[f"model{i}"])
+            _unwrap(m).load_state_dict(loaded[f"model{i}"])
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])
-    if scheduler is not None and loaded.get("scheduler"):
+    # A weights-only checkpoint (--no-save-optim) starts a fresh schedule from this run's flags.
+    if scheduler is not None and load_optim and loaded.get("scheduler"):
         scheduler.load_state_dict(loaded["scheduler"])
     if meta["layout"] == _layout(args):
         rng = torch.load(os.path.join(path, "rng", f"rank{dist.get_rank():05d}.pt"), weights_only=False)

@@ -112,9 +112,9 @@ class Trainer:
         results = {}
         for domain in data.valid_domains:
             total, count = 0.0, 0
-            it_source = data.valid_iterator(domain)
+            it = self._iterators(lambda: data.valid_iterator(domain))
             for _ in range(self.args.eval_iters):
-                losses = self._run_schedule(self._iterators(lambda: it_source), forward_only=True)
+                losses = self._run_schedule(it, forward_only=True)
                 lm, _ = self._reduce_losses(losses)
                 if not math.isnan(lm):
                     total, count = total + lm, count + 1
@@ -130,14 +130,14 @@ class Trainer:
         tokens_per_iter = args.global_batch_size * args.seq_length
         mflops = model_flops_per_iteration(args, tokens_per_iter)
         hflops = hardware_flops_per_iteration(args, tokens_per_iter)
+        # each model chunk walks the same micro-batch sequence from the same position
         it = self._iterators(lambda: data.train_iterator(self.consumed_samples))
-        if len(self.model) > 1:  # each chunk walks the same sequence from the same position
-            it = [data.train_iterator(self.consumed_samples) for _ in self.model]
         for m in self.model:
             m.train()
         while self.iteration < args.train_iters:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            lr = self.optimizer.param_groups[0]["lr"]
             t0 = time.time()
             out = self.train_step(it)
             if torch.cuda.is_available():
@@ -151,7 +151,7 @@ class Trainer:
                 "lm_loss": out["lm_loss"],
                 "mtp_loss": out["mtp_loss"],
                 "grad_norm": out["grad_norm"],
-                "lr": self.optimizer.param_groups[0]["lr"],
+                "lr": lr,
                 "tokens_per_sec": tokens_per_iter / dt,
                 "tflops_per_device": tflops,
                 "hfu_tflops_per_device": hflops / dt / self.world_size / 1e12,

@@ -1,0 +1,47 @@
+"""Test helper: run pretrain_tri.py under torchrun on CPU and read back its --log-json records."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = os.path.join(ROOT, "pretrain_tri.py")
+
+# The tiny preset cut further so that a 4-process run takes seconds on 2 cores.
+TINY = ["--model", "tri-tiny", "--mock-data", "--seq-length", "64", "--micro-batch-size", "2",
+        "--global-batch-size", "8", "--lr", "1e-3", "--lr-decay-style", "constant", "--log-interval", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(nproc: int, args: list, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(var, None)
+    if nproc == 1:
+        cmd = [sys.executable, PRETRAIN, *args]
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), PRETRAIN, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train(nproc: int, args: list, log_json: str, **kw) -> list:
+    """Run and return the per-iteration training records (evaluation records dropped)."""
+    if os.path.exists(log_json):
+        os.remove(log_json)
+    run(nproc, [*args, "--log-json", log_json], **kw)
+    with open(log_json) as f:
+        return [r for r in map(json.loads, f) if "lm_loss" in r]

@@ -1,0 +1,264 @@
+"""Fused linear + softmax cross-entropy (tri_megatron.ops.fused_cross_entropy) against naive oracles.
+
+Oracles: full logits + ``torch.nn.functional.cross_entropy`` in float64 (values and autograd
+gradients), megatron-core's own vocab-parallel CE math (``VocabParallelCrossEntropy``'s steps) at
+TP=1 on bf16 logits, ``gradcheck`` of the hand-written backward, and a real TP=2 run under gloo whose
+losses and (all-reduced / gathered) gradients must equal the single-process full-vocab computation.
+GPU tests (kernel vs reference) skip only when no CUDA device is present.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tri_megatron.ops import fused_cross_entropy as fce
+from tri_megatron.ops.fused_cross_entropy import (
+    fused_linear_cross_entropy,
+    fused_mtp_cross_entropy,
+    reference_mtp_cross_entropy,
+)
+
+torch.set_num_threads(1)
+IGNORE = -100
+
+
+def _naive(hiddens, weight, labels_list, masks, scales, z=0.0):
+    """Full-vocab per-token losses [b, s] (zero where masked / ignored)."""
+    out = []
+    for x, lab, mask, sc in zip(hiddens, labels_list, masks, scales):
+        logits = torch.einsum("sbh,vh->bsv", x, weight)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), reduction="none",
+                             ignore_index=IGNORE).view_as(lab)
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = ce + z * lse * lse
+        keep = (lab != IGNORE) & (mask != 0 if mask is not None else True)
+        out.append(torch.where(keep, loss, torch.zeros_like(loss)) * sc)
+    return out
+
+
+def _problem(S=5, B=2, H=6, V=11, heads=2, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(S, B, H, generator=g, dtype=dtype) for _ in range(heads)]
+    w = torch.randn(V, H, generator=g, dtype=dtype) * 0.7
+    labels = [torch.randint(0, V, (B, S), generator=g) for _ in range(heads)]
+    masks = []
+    for i, lab in enumerate(labels):
+        lab[0, i % S] = IGNORE  # an ignored token in every head
+        m = (torch.rand(B, S, generator=g) > 0.25).to(dtype)
+        m[:, -1 - i:] = 0  # MTP-style rolled masks: the last i+1 tokens of every head are dropped
+        masks.append(m)
+    return xs, w, labels, masks
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_values_and_grads_match_naive(depth, chunk):
+    xs, w, labels, masks = _problem(heads=1 + depth, seed=depth)
+    scales = [1.0] + [0.1 / max(depth, 1)] * depth
+    z = 1e-2
+    xs = [x.requires_grad_() for x in xs]
+    w.requires_grad_()
+    ours = fused_mtp_cross_entropy(xs, w, labels, loss_masks=masks, chunk_size=chunk, z_loss_weight=z,
+                                   scales=scales)
+    naive = _naive(xs, w, labels, masks, scales, z)
+    assert len(ours) == 1 + depth
+    for a, b in zip(ours, naive):
+        assert a.shape == b.shape and a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # a loss-mask-weighted mean, as megatron's loss function does, drives the backward
+    upstream = [torch.rand_like(m) * m for m in masks]
+    tot_a = sum((a * u).sum() for a, u in zip(ours, upstream))
+    tot_b = sum((b * u).sum() for b, u in zip(naive, upstream))
+    ga = torch.autograd.grad(tot_a, [w, *xs])
+    gb = torch.autograd.grad(tot_b, [w, *xs])
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_gradcheck_two_heads_masked_zloss():
+    xs, w, labels, masks = _problem(S=3, B=2, H=4, V=7, heads=2, seed=7)
+    xs = [x.requires_grad_() for x in xs]
+    w.requires_grad_()
+
+    def fn(w, x0, x1):
+        return tuple(fused_mtp_cross_entropy([x0, x1], w, labels, loss_masks=masks, chunk_size=4,
+                                             z_loss_weight=0.05, scales=[1.0, 0.3]))
+
+    assert torch.autograd.gradcheck(fn, (w, *xs), eps=1e-6, atol=1e-8)
+
+
+def test_single_head_entry_and_unused_head():
+    xs, w, labels, masks = _problem(heads=2, seed=3)
+    w.requires_grad_()
+    x0 = xs[0].requires_grad_()
+    loss = fused_linear_cross_entropy(x0, w, labels[0], loss_mask=masks[0], chunk_size=4, scale=0.5)
+    torch.testing.assert_close(loss, _naive([x0], w, labels[:1], masks[:1], [0.5])[0], rtol=1e-12, atol=1e-12)
+    # only one of two heads' losses reaches the objective: the other head gets no gradient
+    x1 = xs[1].requires_grad_()
+    l0, l1 = fused_mtp_cross_entropy([x0, x1], w, labels, loss_masks=masks)
+    gw, g0, g1 = torch.autograd.grad(l0.sum(), [w, x0, x1], allow_unused=True)
+    ref = torch.autograd.grad(_naive([x0], w, labels[:1], masks[:1], [1.0])[0].sum(), [w, x0])
+    torch.testing.assert_close(gw, ref[0])
+    torch.testing.assert_close(g0, ref[1])
+    assert g1 is None or torch.count_nonzero(g1) == 0
+    assert fused_mtp_cross_entropy([], w, []) == []
+
+
+def test_matches_megatron_vocab_parallel_ce_math_bf16():
+    """bf16 hidden / weight: same values as megatron's unfused path (bf16 logits, fp32 softmax)."""
+    ce_mod = pytest.importorskip("megatron.core.tensor_parallel.cross_entropy")
+    VP = ce_mod.VocabParallelCrossEntropy
+    g = torch.Generator().manual_seed(11)
+    S, B, H, V = 16, 2, 32, 300
+    x = torch.randn(S, B, H, generator=g).bfloat16()
+    w = (torch.randn(V, H, generator=g) * 0.3).bfloat16()
+    labels = torch.randint(0, V, (B, S), generator=g)
+    # megatron's steps at TP=1 (the all-reduces are identities): [s, b, v] logits, [s, b] target
+    logits = torch.matmul(x, w.t())
+    lg, lmax = VP.calculate_logits_max(logits)
+    _, _, pred, sumexp, exp_logits = VP.calculate_predicted_logits(lg, labels.t().contiguous(), lmax, 0, V)
+    _, mloss = VP.calculate_cross_entropy_loss(exp_logits, pred, sumexp)
+    ours = fused_linear_cross_entropy(x, w, labels, chunk_size=5)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, mloss.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_chunks_bound_the_logits(monkeypatch):
+    """No GEMM ever produces more than chunk_size rows of logits."""
+    seen = []
+    real_mm = torch.mm
+
+    def spy(a, b, *args, **kwargs):
+        out = real_mm(a, b, *args, **kwargs)
+        seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(fce.torch, "mm", spy)
+    xs, w, labels, masks = _problem(S=8, B=2, H=4, V=9, heads=2)
+    xs = [x.requires_grad_() for x in xs]
+    losses = fused_mtp_cross_entropy(xs, w.requires_grad_(), labels, loss_masks=masks, chunk_size=3)
+    sum(l.sum() for l in losses).backward()
+    assert seen and all(rows <= 3 for rows, _ in seen)
+    assert fce.default_chunk_size(124416, torch.bfloat16, 8192) == 2**28 // (124416 * 2)
+    assert fce.default_chunk_size(15552, torch.bfloat16, 8192) == 8192
+
+
+def test_bad_arguments_raise():
+    xs, w, labels, masks = _problem(heads=1)
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy(xs[0].float(), w, labels[0])  # dtype mismatch
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy(xs[0], w, labels[0].t())  # labels not [b, s]
+    with pytest.raises(ValueError):
+        fused_mtp_cross_entropy(xs, w, labels * 2)
+
+
+# ------------------------------------------------------------------------------- TP=2 under gloo -------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tp_worker(rank, world, port, chunk):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        group = dist.new_group(list(range(world)))
+        xs, w, labels, masks = _problem(S=6, B=2, H=5, V=14, heads=3, seed=5)  # main + MTP depth 2
+        scales, z = [1.0, 0.05, 0.05], 1e-2
+        vl = w.shape[0] // world
+        w_shard = w[rank * vl:(rank + 1) * vl].clone().requires_grad_()
+        xs_local = [x.clone().requires_grad_() for x in xs]
+        ours = fused_mtp_cross_entropy(xs_local, w_shard, labels, loss_masks=masks, tp_group=group,
+                                       chunk_size=chunk, z_loss_weight=z, scales=scales)
+        xs_ref = [x.clone().requires_grad_() for x in xs]
+        w_ref = w.clone().requires_grad_()
+        naive = _naive(xs_ref, w_ref, labels, masks, scales, z)
+        for a, b in zip(ours, naive):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+        upstream = [m / m.sum() for m in masks]
+        sum((a * u).sum() for a, u in zip(ours, upstream)).backward()
+        sum((b * u).sum() for b, u in zip(naive, upstream)).backward()
+        # weight: each rank holds its shard's exact gradient
+        torch.testing.assert_close(w_shard.grad, w_ref.grad[rank * vl:(rank + 1) * vl], rtol=1e-11, atol=1e-12)
+        # hidden: partial per shard; the caller's all-reduce (copy_to_tensor_model_parallel_region)
+        # completes it
+        for x_local, x_ref in zip(xs_local, xs_ref):
+            g = x_local.grad.clone()
+            dist.all_reduce(g, group=group)
+            torch.testing.assert_close(g, x_ref.grad, rtol=1e-11, atol=1e-12)
+            assert not torch.allclose(x_local.grad, x_ref.grad)  # really a partial
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("chunk", [4])
+def test_vocab_parallel_tp2_gloo_mtp_depth2(chunk):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_tp_worker, args=(2, _free_port(), chunk), nprocs=2, join=True)
+
+
+# ------------------------------------------------------------------------------------------ GPU -------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [4096, 4093])  # 4093: rows not 16-byte aligned -> scalar path
+def test_gpu_kernel_matches_reference(dtype, vocab):
+    from tri_megatron.ops._kernels import kernels_available
+
+    assert kernels_available(), "CUDA present but the Tri kernels did not load"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    S, B, H = 256, 2, 256
+    xs = [torch.randn(S, B, H, device="cuda", generator=g).to(dtype) for _ in range(3)]
+    w = (torch.randn(vocab, H, device="cuda", generator=g) * 0.05).to(dtype)
+    labels = [torch.randint(0, vocab, (B, S), device="cuda", generator=g) for _ in range(3)]
+    labels[0][0, :7] = IGNORE
+    masks = [torch.ones(B, S, device="cuda") for _ in range(3)]
+    masks[2][:, -2:] = 0
+    kw = dict(loss_masks=masks, chunk_size=200, z_loss_weight=1e-3, scales=[1.0, 0.05, 0.05])
+    results = []
+    for fn in (fused_mtp_cross_entropy, reference_mtp_cross_entropy):
+        xx = [x.clone().requires_grad_() for x in xs]
+        ww = w.clone().requires_grad_()
+        losses = fn(xx, ww, labels, **kw)
+        sum((l * m).sum() / m.sum() for l, m in zip(losses, masks)).backward()
+        results.append((losses, ww.grad, [x.grad for x in xx]))
+    (kl, kw_, kx), (rl, rw, rx) = results
+    # losses: fp32 softmax both ways (fast-math exp in the kernel) -> 1e-4 relative
+    for a, b in zip(kl, rl):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # gradients: the kernel rounds softmax - onehot to the logits dtype once, like the reference
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-4)
+    torch.testing.assert_close(kw_.float(), rw.float(), **tol)
+    for a, b in zip(kx, rx):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@cuda
+def test_gpu_fused_matches_megatron_unfused_bf16():
+    """Against megatron's unfused formula at TP=1 on GPU (bf16 logits, fp32 softmax)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    S, B, H, V = 512, 2, 512, 32000
+    x = torch.randn(S, B, H, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(V, H, device="cuda", generator=g) * 0.03).bfloat16().requires_grad_()
+    labels = torch.randint(0, V, (B, S), device="cuda", generator=g)
+    loss = fused_linear_cross_entropy(x, w, labels, chunk_size=300)
+    loss.mean().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    logits = torch.matmul(x, w.t()).float()
+    ref = F.cross_entropy(logits.view(-1, V), labels.t().reshape(-1), reduction="none").view(S, B).t()
+    ref.mean().backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx.float(), x.grad.float(), rtol=2e-2, atol=1e-5)
+    torch.testing.assert_close(gw.float(), w.grad.float(), rtol=2e-2, atol=1e-5)

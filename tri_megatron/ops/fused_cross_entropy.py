@@ -1,0 +1,316 @@
+"""Fused output-layer + softmax cross-entropy for the main head and the D MTP heads.
+
+API::
+
+    loss = fused_linear_cross_entropy(hidden, weight, labels, *, loss_mask=None, ignore_index=-100,
+                                      tp_group=None, chunk_size=None, z_loss_weight=0.0, scale=1.0)
+    losses = fused_mtp_cross_entropy(hiddens, weight, labels_list, *, loss_masks=None,
+                                     ignore_index=-100, tp_group=None, chunk_size=None,
+                                     z_loss_weight=0.0, scales=None)
+
+* ``hidden``: ``[s, b, h]`` (megatron's sequence-first layout), fp32 / bf16 / fp16 (fp64 for tests),
+  same dtype as ``weight``.
+* ``weight``: this rank's vocab shard ``[V / tp, h]`` of the output layer (megatron's vocab-parallel
+  ``ColumnParallelLinear`` weight: rank r holds rows ``[r V/tp, (r+1) V/tp)``); no bias.
+* ``labels``: ``[b, s]`` int64 global vocab ids; ``loss_mask``: ``[b, s]``, tokens where it is 0 and
+  tokens labelled ``ignore_index`` get loss 0 and no gradient.
+* returns the per-token loss ``[b, s]`` fp32 (fp64 for fp64 inputs): on unmasked tokens
+  ``scale * (logsumexp(logits) - logits[label] + z_loss_weight * logsumexp(logits) ** 2)`` with
+  ``logits = hidden @ W_full^T`` -- for ``scale=1, z_loss_weight=0`` the values of megatron's
+  ``vocab_parallel_cross_entropy(output_layer(hidden), labels.T).T`` (logits rounded to the input
+  dtype by the GEMM, softmax in fp32). The caller applies its loss-mask-weighted mean afterwards.
+  ``scale`` (e.g. the MTP scaling factor) multiplies value and gradient alike.
+* ``fused_mtp_cross_entropy`` runs any number of heads (main + D MTP heads, D = 0 works) sharing
+  ``weight`` in one autograd function and returns one loss per head; ``loss_masks`` / ``scales`` are
+  per-head lists (entries may be None / default 1).
+
+Tensor parallelism: ``tp_group`` is the tensor-parallel process group (None or size 1: no
+communication). ``hidden`` must be the full sequence replicated on the TP ranks (as megatron's output
+layer input after its sequence-parallel gather). Forward all-reduces per-token max (MAX) and rescaled
+sum-exp + target logit (SUM) over ``tp_group`` -- two collectives per call, for all heads together.
+Backward does **no** communication: the gradient returned for ``hidden`` is this vocab shard's
+partial, exactly what megatron's ``ColumnParallelLinear`` computes before its input-grad all-reduce.
+So the caller wraps the input as megatron does::
+
+    hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)        # SP off
+    # or: hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)  # SP on
+    loss = fused_linear_cross_entropy(hidden, output_layer.weight, labels, tp_group=tp_group)
+
+How: tokens are processed ``chunk_size`` rows at a time (default: a logits chunk of ~256 MiB), so a
+full ``[tokens, V/tp]`` logits tensor is never stored. Forward keeps only per-token max, sum-exp and
+target logit; backward recomputes each chunk's logits (cuBLAS GEMM), overwrites them in place with
+``(softmax * (1 + 2 z lse) - onehot) * dloss * scale * mask`` (the CUDA kernel; a PyTorch reference
+on CPU), then runs the input-grad GEMM into the chunk's rows of ``grad_hidden`` and accumulates the
+weight-grad GEMM in fp32 (for bf16 / fp16 weights; the result is cast to the weight dtype once).
+Label smoothing is not supported.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tri_megatron.ops._kernels import use_kernels_for
+
+__all__ = ["fused_linear_cross_entropy", "fused_mtp_cross_entropy", "reference_mtp_cross_entropy",
+           "default_chunk_size"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CHUNK_BYTES = 256 * 2**20
+
+
+def default_chunk_size(vocab_local: int, dtype: torch.dtype, rows: int) -> int:
+    """Token rows per chunk so that one logits chunk is about 256 MiB (at least 1, at most ``rows``)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return max(1, min(rows, _CHUNK_BYTES // max(1, vocab_local * elem)))
+
+
+def _tp_info(tp_group) -> tuple[int, int]:
+    if tp_group is None or not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
+
+
+# ------------------------------------------------------------------------ per-chunk primitives -------
+def _chunk_stats(kern, logits, labels, vocab_start, row_max, row_sumexp, target):
+    """Per-row max, sum exp(x - max), target logit (0 outside this shard) of one logits chunk."""
+    if kern is not None:
+        kern.ce_forward_stats(logits, labels, vocab_start, row_max, row_sumexp, target)
+        return
+    lf = logits.to(row_max.dtype)
+    m = lf.amax(dim=-1)
+    row_max.copy_(m)
+    row_sumexp.copy_(torch.exp(lf - m[:, None]).sum(dim=-1))
+    t = labels - vocab_start
+    inside = (t >= 0) & (t < logits.shape[1])
+    picked = lf.gather(1, t.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
+    target.copy_(torch.where(inside, picked, torch.zeros_like(picked)))
+
+
+def _chunk_grad_inplace(kern, logits, labels, vocab_start, lse, p_coef, t_coef):
+    """logits <- p_coef * exp(logits - lse) - t_coef * onehot(label), in the logits' dtype."""
+    if kern is not None:
+        kern.ce_backward_inplace(logits, labels, vocab_start, lse, p_coef, t_coef)
+        return
+    g = torch.exp(logits.to(lse.dtype) - lse[:, None]) * p_coef[:, None]
+    t = labels - vocab_start
+    rows = torch.nonzero((t >= 0) & (t < logits.shape[1]), as_tuple=True)[0]
+    g[rows, t[rows]] -= t_coef[rows]
+    logits.copy_(g)
+
+
+_ADDMM_FP32_OK: dict = {}
+
+
+def _addmm_fp32_supported(device) -> bool:
+    """Whether this torch can accumulate a bf16 GEMM straight into an fp32 tensor (CUDA only)."""
+    key = str(device)
+    if key not in _ADDMM_FP32_OK:
+        ok = False
+        if device.type == "cuda":
+            try:
+                a = torch.randn(8, 16, device=device, dtype=torch.bfloat16)
+                b = torch.randn(16, 8, device=device, dtype=torch.bfloat16)
+                acc = torch.ones(8, 8, device=device)
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                ok = torch.allclose(acc, 1 + a.float() @ b.float(), rtol=1e-2, atol=1e-2)
+            except (RuntimeError, TypeError):
+                ok = False
+        _ADDMM_FP32_OK[key] = ok
+    return _ADDMM_FP32_OK[key]
+
+
+def _accumulate_weight_grad(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += g^T @ x, with acc possibly fp32 while g / x are bf16 / fp16."""
+    if acc.dtype == g.dtype:
+        acc.addmm_(g.t(), x)
+    elif _addmm_fp32_supported(acc.device):
+        torch.addmm(acc, g.t(), x, out_dtype=acc.dtype, out=acc)
+    else:  # bounded temporaries: one vocab slice of the product at a time
+        step = max(1, _CHUNK_BYTES // max(1, x.shape[1] * g.element_size()))
+        for v0 in range(0, g.shape[1], step):
+            acc[v0:v0 + step].add_(g[:, v0:v0 + step].t() @ x)
+
+
+# ------------------------------------------------------------------------ autograd function ----------
+class _Heads:
+    """Non-differentiable per-call state: flattened labels / masks per head, TP info, settings."""
+
+    def __init__(self, labels, valid, scales, rank, world, tp_group, chunk_size, z_loss, use_kernels):
+        self.labels, self.valid, self.scales = labels, valid, scales
+        self.rank, self.world, self.tp_group = rank, world, tp_group
+        self.chunk_size, self.z_loss, self.use_kernels = chunk_size, z_loss, use_kernels
+
+
+def _kernel(heads: _Heads, weight: torch.Tensor):
+    if not heads.use_kernels or weight.dtype not in _KERNEL_DTYPES:
+        return None
+    return use_kernels_for(weight)
+
+
+def _stat_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, heads: _Heads, weight: torch.Tensor, *hiddens: torch.Tensor):
+        vocab, h = weight.shape
+        vocab_start = heads.rank * vocab
+        kern = _kernel(heads, weight)
+        sdt = _stat_dtype(weight)
+        xs = [x.reshape(-1, h) for x in hiddens]
+        sizes = [x.shape[0] for x in xs]
+        total = sum(sizes)
+        row_max = torch.empty(total, dtype=sdt, device=weight.device)
+        sumexp, target = torch.empty_like(row_max), torch.empty_like(row_max)
+        chunk = heads.chunk_size or default_chunk_size(vocab, weight.dtype, max(sizes, default=1))
+        buf = torch.empty(min(chunk, max(sizes, default=1)), vocab, dtype=weight.dtype, device=weight.device)
+        off = 0
+        for x, lab in zip(xs, heads.labels):
+            for c0 in range(0, x.shape[0], chunk):
+                c1 = min(c0 + chunk, x.shape[0])
+                logits = torch.mm(x[c0:c1], weight.t(), out=buf[: c1 - c0])
+                sl = slice(off + c0, off + c1)
+                _chunk_stats(kern, logits, lab[c0:c1], vocab_start, row_max[sl], sumexp[sl], target[sl])
+            off += x.shape[0]
+        del buf
+        if heads.world > 1:  # merge the vocab shards: global max, then rescaled sum-exp + target
+            gmax = row_max.clone()
+            dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=heads.tp_group)
+            packed = torch.stack([sumexp * torch.exp(row_max - gmax), target])
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=heads.tp_group)
+            row_max, (sumexp, target) = gmax, packed.unbind(0)
+        lse = torch.log(sumexp) + row_max
+        loss = lse - target
+        if heads.z_loss:
+            loss = loss + heads.z_loss * lse * lse
+        outs = []
+        for x, hid, valid, sc, part in zip(xs, hiddens, heads.valid, heads.scales, loss.split(sizes)):
+            per_tok = part * valid * sc
+            outs.append(per_tok.view(hid.shape[0], hid.shape[1]).t().contiguous())
+        ctx.heads, ctx.lse, ctx.sizes, ctx.chunk = heads, lse, sizes, chunk
+        ctx.save_for_backward(weight, *hiddens)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_losses):
+        heads, lse, sizes, chunk = ctx.heads, ctx.lse, ctx.sizes, ctx.chunk
+        weight, *hiddens = ctx.saved_tensors
+        vocab, h = weight.shape
+        vocab_start = heads.rank * vocab
+        kern = _kernel(heads, weight)
+        need_w = ctx.needs_input_grad[1]
+        acc = None
+        if need_w:
+            acc_dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+            acc = torch.zeros(vocab, h, dtype=acc_dtype, device=weight.device)
+        buf = torch.empty(min(chunk, max(sizes, default=1)), vocab, dtype=weight.dtype, device=weight.device)
+        grads_h: List[Optional[torch.Tensor]] = []
+        off = 0
+        for k, (hid, g_out) in enumerate(zip(hiddens, grad_losses)):
+            n = sizes[k]
+            need_x = ctx.needs_input_grad[2 + k]
+            if g_out is None or not (need_x or need_w):
+                grads_h.append(None)
+                off += n
+                continue
+            x = hid.reshape(-1, h)
+            lse_k = lse[off:off + n]
+            coef = g_out.t().reshape(-1).to(lse.dtype) * heads.valid[k] * heads.scales[k]
+            p_coef = coef * (1.0 + 2.0 * heads.z_loss * lse_k) if heads.z_loss else coef
+            gx = torch.empty_like(x) if need_x else None
+            for c0 in range(0, n, chunk):
+                c1 = min(c0 + chunk, n)
+                logits = torch.mm(x[c0:c1], weight.t(), out=buf[: c1 - c0])
+                _chunk_grad_inplace(kern, logits, heads.labels[k][c0:c1], vocab_start, lse_k[c0:c1],
+                                    p_coef[c0:c1].contiguous(), coef[c0:c1].contiguous())
+                if need_x:
+                    torch.mm(logits, weight, out=gx[c0:c1])
+                if need_w:
+                    _accumulate_weight_grad(acc, logits, x[c0:c1])
+            grads_h.append(None if gx is None else gx.view_as(hid))
+            off += n
+        grad_w = None if acc is None else acc.to(weight.dtype)
+        return (None, grad_w, *grads_h)
+
+
+# ------------------------------------------------------------------------ public API -----------------
+def _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, chunk_size, z_loss_weight,
+             scales, use_kernels) -> _Heads:
+    if len(hiddens) != len(labels_list):
+        raise ValueError(f"{len(hiddens)} hidden states but {len(labels_list)} label tensors")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [vocab/tp, hidden], got {tuple(weight.shape)}")
+    loss_masks = list(loss_masks) if loss_masks is not None else [None] * len(hiddens)
+    scales = list(scales) if scales is not None else [1.0] * len(hiddens)
+    if len(loss_masks) != len(hiddens) or len(scales) != len(hiddens):
+        raise ValueError("loss_masks and scales need one entry per head")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    rank, world = _tp_info(tp_group)
+    sdt = _stat_dtype(weight)
+    labels, valid = [], []
+    for x, lab, mask in zip(hiddens, labels_list, loss_masks):
+        if x.dim() != 3 or x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"hidden must be [s, b, {weight.shape[1]}], got {tuple(x.shape)}")
+        if x.dtype != weight.dtype:
+            raise ValueError(f"hidden dtype {x.dtype} differs from weight dtype {weight.dtype}")
+        if tuple(lab.shape) != (x.shape[1], x.shape[0]):
+            raise ValueError(f"labels must be [b, s] = {(x.shape[1], x.shape[0])}, got {tuple(lab.shape)}")
+        lab_sb = lab.t().reshape(-1).to(device=weight.device, dtype=torch.long).contiguous()
+        ok = lab_sb != ignore_index
+        if mask is not None:
+            if tuple(mask.shape) != tuple(lab.shape):
+                raise ValueError(f"loss_mask must be [b, s] like labels, got {tuple(mask.shape)}")
+            ok = ok & (mask.t().reshape(-1).to(lab_sb.device) != 0)
+        labels.append(lab_sb)
+        valid.append(ok.to(sdt))
+    return _Heads(labels, valid, [float(s) for s in scales], rank, world, tp_group, chunk_size,
+                  float(z_loss_weight), use_kernels)
+
+
+def fused_mtp_cross_entropy(
+    hiddens: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    labels_list: Sequence[torch.Tensor],
+    *,
+    loss_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    ignore_index: int = -100,
+    tp_group=None,
+    chunk_size: Optional[int] = None,
+    z_loss_weight: float = 0.0,
+    scales: Optional[Sequence[float]] = None,
+    _use_kernels: bool = True,
+) -> List[torch.Tensor]:
+    """Per-token losses ``[b, s]`` of every head (main + MTP heads) in one autograd op."""
+    if len(hiddens) == 0:
+        return []
+    heads = _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, chunk_size,
+                     z_loss_weight, scales, _use_kernels)
+    return list(_FusedLinearCrossEntropy.apply(heads, weight, *hiddens))
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss_mask: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    tp_group=None,
+    chunk_size: Optional[int] = None,
+    z_loss_weight: float = 0.0,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Per-token loss ``[b, s]`` of one head (see the module docstring)."""
+    return fused_mtp_cross_entropy([hidden], weight, [labels], loss_masks=[loss_mask],
+                                   ignore_index=ignore_index, tp_group=tp_group, chunk_size=chunk_size,
+                                   z_loss_weight=z_loss_weight, scales=[scale])[0]
+
+
+def reference_mtp_cross_entropy(hiddens, weight, labels_list, **kwargs) -> List[torch.Tensor]:
+    """:func:`fused_mtp_cross_entropy` on the PyTorch reference path on any device (kernel oracle)."""
+    return fused_mtp_cross_entropy(hiddens, weight, labels_list, _use_kernels=False, **kwargs)
