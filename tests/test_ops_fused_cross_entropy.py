@@ -54,15 +54,15 @@ def _problem(S=5, B=2, H=6, V=11, heads=2, seed=0, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2])
-@pytest.mark.parametrize("chunk", [1, 3, None])
-def test_values_and_grads_match_naive(depth, chunk):
+@pytest.mark.parametrize("chunk,vchunk", [(1, None), (3, 4), (None, 5), (None, None)])
+def test_values_and_grads_match_naive(depth, chunk, vchunk):
     xs, w, labels, masks = _problem(heads=1 + depth, seed=depth)
     scales = [1.0] + [0.1 / max(depth, 1)] * depth
     z = 1e-2
     xs = [x.requires_grad_() for x in xs]
     w.requires_grad_()
     ours = fused_mtp_cross_entropy(xs, w, labels, loss_masks=masks, chunk_size=chunk, z_loss_weight=z,
-                                   scales=scales)
+                                   scales=scales, vocab_chunk_size=vchunk)
     naive = _naive(xs, w, labels, masks, scales, z)
     assert len(ours) == 1 + depth
     for a, b in zip(ours, naive):
@@ -85,7 +85,7 @@ def test_gradcheck_two_heads_masked_zloss():
 
     def fn(w, x0, x1):
         return tuple(fused_mtp_cross_entropy([x0, x1], w, labels, loss_masks=masks, chunk_size=4,
-                                             z_loss_weight=0.05, scales=[1.0, 0.3]))
+                                             vocab_chunk_size=3, z_loss_weight=0.05, scales=[1.0, 0.3]))
 
     assert torch.autograd.gradcheck(fn, (w, *xs), eps=1e-6, atol=1e-8)
 
@@ -127,7 +127,8 @@ def test_matches_megatron_vocab_parallel_ce_math_bf16():
 
 
 def test_chunks_bound_the_logits(monkeypatch):
-    """No GEMM ever produces more than chunk_size rows of logits."""
+    """No GEMM ever produces more than chunk_size x vocab_chunk_size logits (backward) or
+    chunk_size x vocab (forward)."""
     seen = []
     real_mm = torch.mm
 
@@ -137,13 +138,58 @@ def test_chunks_bound_the_logits(monkeypatch):
         return out
 
     monkeypatch.setattr(fce.torch, "mm", spy)
-    xs, w, labels, masks = _problem(S=8, B=2, H=4, V=9, heads=2)
+    xs, w, labels, masks = _problem(S=8, B=2, H=5, V=9, heads=2)
     xs = [x.requires_grad_() for x in xs]
-    losses = fused_mtp_cross_entropy(xs, w.requires_grad_(), labels, loss_masks=masks, chunk_size=3)
+    losses = fused_mtp_cross_entropy(xs, w.requires_grad_(), labels, loss_masks=masks, chunk_size=3,
+                                     vocab_chunk_size=4)
+    n_fwd = len(seen)
+    assert n_fwd == 2 * 6 and all(shape == (3, 9) or shape == (1, 9) for shape in seen)  # 16 rows / 3
     sum(l.sum() for l in losses).backward()
-    assert seen and all(rows <= 3 for rows, _ in seen)
+    tiles = seen[n_fwd:]  # recomputed [rows, vocab slice] logits (the grad GEMMs accumulate via addmm_)
+    assert len(tiles) == 3 * 12 and all(r <= 3 and c <= 4 for r, c in tiles)
     assert fce.default_chunk_size(124416, torch.bfloat16, 8192) == 2**28 // (124416 * 2)
     assert fce.default_chunk_size(15552, torch.bfloat16, 8192) == 8192
+
+
+def test_bf16_sliced_backward_close_to_float64():
+    """bf16 through the tiled backward (fp32 accumulators across tiles) stays at bf16 accuracy."""
+    xs, w, labels, masks = _problem(S=12, B=2, H=16, V=40, heads=2, seed=9)
+    x16 = [x.bfloat16().requires_grad_() for x in xs]
+    w16 = w.bfloat16().requires_grad_()
+    losses = fused_mtp_cross_entropy(x16, w16, labels, loss_masks=masks, chunk_size=5, vocab_chunk_size=7)
+    sum((l * m).sum() for l, m in zip(losses, masks)).backward()
+    xd = [x.detach().double().requires_grad_() for x in x16]
+    wd = w16.detach().double().requires_grad_()
+    ref = _naive(xd, wd, labels, masks, [1.0, 1.0])
+    sum((l * m).sum() for l, m in zip(ref, masks)).backward()
+    for a, b in zip(losses, ref):
+        torch.testing.assert_close(a.double(), b.detach(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w16.grad.double(), wd.grad, rtol=3e-2, atol=3e-2)
+    for a, b in zip(x16, xd):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("with_flag", [False, True])
+def test_accumulate_into_main_grad_like_megatron(with_flag):
+    xs, w, labels, masks = _problem(heads=2, seed=4)
+    xs = [x.requires_grad_() for x in xs]
+    w.requires_grad_()
+    w.main_grad = torch.full_like(w, 0.5)
+    if with_flag:
+        w.grad_added_to_main_grad = False
+    losses = fused_mtp_cross_entropy(xs, w, labels, loss_masks=masks, vocab_chunk_size=4,
+                                     accumulate_into_main_grad=True)
+    sum(l.sum() for l in losses).backward()
+    ref_w = w.detach().clone().requires_grad_()
+    sum(l.sum() for l in _naive(xs, ref_w, labels, masks, [1.0, 1.0])).backward()
+    torch.testing.assert_close(w.main_grad, 0.5 + ref_w.grad, rtol=1e-12, atol=1e-12)
+    if with_flag:
+        assert w.grad_added_to_main_grad is True and w.grad is not None  # megatron's dummy grad
+    else:
+        assert w.grad is None
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy(xs[0], torch.zeros(3, 6, dtype=torch.float64), labels[0] % 3,
+                                   accumulate_into_main_grad=True)
 
 
 def test_bad_arguments_raise():

@@ -3,10 +3,12 @@
 API::
 
     loss = fused_linear_cross_entropy(hidden, weight, labels, *, loss_mask=None, ignore_index=-100,
-                                      tp_group=None, chunk_size=None, z_loss_weight=0.0, scale=1.0)
+                                      tp_group=None, chunk_size=None, z_loss_weight=0.0, scale=1.0,
+                                      vocab_chunk_size=None, accumulate_into_main_grad=False)
     losses = fused_mtp_cross_entropy(hiddens, weight, labels_list, *, loss_masks=None,
                                      ignore_index=-100, tp_group=None, chunk_size=None,
-                                     z_loss_weight=0.0, scales=None)
+                                     z_loss_weight=0.0, scales=None, vocab_chunk_size=None,
+                                     accumulate_into_main_grad=False)
 
 * ``hidden``: ``[s, b, h]`` (megatron's sequence-first layout), fp32 / bf16 / fp16 (fp64 for tests),
   same dtype as ``weight``.
@@ -36,13 +38,21 @@ So the caller wraps the input as megatron does::
     # or: hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)  # SP on
     loss = fused_linear_cross_entropy(hidden, output_layer.weight, labels, tp_group=tp_group)
 
-How: tokens are processed ``chunk_size`` rows at a time (default: a logits chunk of ~256 MiB), so a
-full ``[tokens, V/tp]`` logits tensor is never stored. Forward keeps only per-token max, sum-exp and
-target logit; backward recomputes each chunk's logits (cuBLAS GEMM), overwrites them in place with
+How: the forward processes ``chunk_size`` token rows at a time against the whole vocab shard
+(default: a logits chunk of ~256 MiB), so a full ``[tokens, V/tp]`` logits tensor is never stored; it
+keeps only per-token max, sum-exp and target logit (and saves nothing but ``hidden`` and ``weight``,
+which megatron's output layer saves too). The backward walks tiles of ``vocab_chunk_size`` vocab rows
+(default: an fp32 ``[slice, h]`` weight-grad accumulator of ~256 MiB) by ``chunk_size`` tokens,
+recomputes each tile's logits (cuBLAS GEMM), overwrites them in place with
 ``(softmax * (1 + 2 z lse) - onehot) * dloss * scale * mask`` (the CUDA kernel; a PyTorch reference
-on CPU), then runs the input-grad GEMM into the chunk's rows of ``grad_hidden`` and accumulates the
-weight-grad GEMM in fp32 (for bf16 / fp16 weights; the result is cast to the weight dtype once).
-Label smoothing is not supported.
+on CPU), and feeds the tile to the two GEMMs: the weight gradient of a vocab slice accumulates in fp32
+over all heads and tokens (cast once to the weight dtype), the hidden gradients in fp32 over the vocab
+slices (a single GEMM per chunk when the shard is one slice).
+
+``accumulate_into_main_grad=True`` mirrors megatron's ``gradient_accumulation_fusion``: the weight
+gradient is added straight into ``weight.main_grad`` (captured at forward) and the op returns
+megatron's dummy weight grad (setting ``weight.grad_added_to_main_grad``), so no weight-sized gradient
+buffer is allocated at all. Label smoothing is not supported.
 """
 
 from __future__ import annotations
@@ -105,7 +115,7 @@ _ADDMM_FP32_OK: dict = {}
 
 
 def _addmm_fp32_supported(device) -> bool:
-    """Whether this torch can accumulate a bf16 GEMM straight into an fp32 tensor (CUDA only)."""
+    """Whether this torch can accumulate a bf16 / fp16 GEMM straight into an fp32 tensor (CUDA)."""
     key = str(device)
     if key not in _ADDMM_FP32_OK:
         ok = False
@@ -122,26 +132,33 @@ def _addmm_fp32_supported(device) -> bool:
     return _ADDMM_FP32_OK[key]
 
 
-def _accumulate_weight_grad(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
-    """acc += g^T @ x, with acc possibly fp32 while g / x are bf16 / fp16."""
-    if acc.dtype == g.dtype:
-        acc.addmm_(g.t(), x)
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, where acc may be fp32 while a / b are bf16 / fp16 (no full-size temporaries)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
     elif _addmm_fp32_supported(acc.device):
-        torch.addmm(acc, g.t(), x, out_dtype=acc.dtype, out=acc)
-    else:  # bounded temporaries: one vocab slice of the product at a time
-        step = max(1, _CHUNK_BYTES // max(1, x.shape[1] * g.element_size()))
-        for v0 in range(0, g.shape[1], step):
-            acc[v0:v0 + step].add_(g[:, v0:v0 + step].t() @ x)
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:  # product rounded to the operand dtype, one bounded row block at a time
+        step = max(1, _CHUNK_BYTES // max(1, b.shape[1] * a.element_size()))
+        for r0 in range(0, a.shape[0], step):
+            acc[r0:r0 + step].add_(a[r0:r0 + step] @ b)
+
+
+def _tile(storage: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous [rows, cols] view at the start of a flat reusable buffer."""
+    return storage[: rows * cols].view(rows, cols)
 
 
 # ------------------------------------------------------------------------ autograd function ----------
 class _Heads:
     """Non-differentiable per-call state: flattened labels / masks per head, TP info, settings."""
 
-    def __init__(self, labels, valid, scales, rank, world, tp_group, chunk_size, z_loss, use_kernels):
+    def __init__(self, labels, valid, scales, rank, world, tp_group, chunk_size, vocab_chunk_size,
+                 z_loss, use_kernels, main_grad):
         self.labels, self.valid, self.scales = labels, valid, scales
         self.rank, self.world, self.tp_group = rank, world, tp_group
-        self.chunk_size, self.z_loss, self.use_kernels = chunk_size, z_loss, use_kernels
+        self.chunk_size, self.vocab_chunk_size = chunk_size, vocab_chunk_size
+        self.z_loss, self.use_kernels, self.main_grad = z_loss, use_kernels, main_grad
 
 
 def _kernel(heads: _Heads, weight: torch.Tensor):
@@ -154,7 +171,15 @@ def _stat_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Forward: token chunks x full vocab shard -> per-row stats. Backward: tiles of
+    (vocab slice) x (token chunk); the weight gradient of one vocab slice accumulates in fp32 over all
+    heads and tokens, the hidden gradients accumulate in fp32 over the vocab slices."""
+
     @staticmethod
     def forward(ctx, heads: _Heads, weight: torch.Tensor, *hiddens: torch.Tensor):
         vocab, h = weight.shape
@@ -163,16 +188,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         sdt = _stat_dtype(weight)
         xs = [x.reshape(-1, h) for x in hiddens]
         sizes = [x.shape[0] for x in xs]
-        total = sum(sizes)
+        total, longest = sum(sizes), max(sizes)
         row_max = torch.empty(total, dtype=sdt, device=weight.device)
         sumexp, target = torch.empty_like(row_max), torch.empty_like(row_max)
-        chunk = heads.chunk_size or default_chunk_size(vocab, weight.dtype, max(sizes, default=1))
-        buf = torch.empty(min(chunk, max(sizes, default=1)), vocab, dtype=weight.dtype, device=weight.device)
+        chunk = min(heads.chunk_size or default_chunk_size(vocab, weight.dtype, longest), longest)
+        buf = torch.empty(chunk * vocab, dtype=weight.dtype, device=weight.device)
         off = 0
         for x, lab in zip(xs, heads.labels):
             for c0 in range(0, x.shape[0], chunk):
                 c1 = min(c0 + chunk, x.shape[0])
-                logits = torch.mm(x[c0:c1], weight.t(), out=buf[: c1 - c0])
+                logits = torch.mm(x[c0:c1], weight.t(), out=_tile(buf, c1 - c0, vocab))
                 sl = slice(off + c0, off + c1)
                 _chunk_stats(kern, logits, lab[c0:c1], vocab_start, row_max[sl], sumexp[sl], target[sl])
             off += x.shape[0]
@@ -188,58 +213,108 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if heads.z_loss:
             loss = loss + heads.z_loss * lse * lse
         outs = []
-        for x, hid, valid, sc, part in zip(xs, hiddens, heads.valid, heads.scales, loss.split(sizes)):
-            per_tok = part * valid * sc
-            outs.append(per_tok.view(hid.shape[0], hid.shape[1]).t().contiguous())
-        ctx.heads, ctx.lse, ctx.sizes, ctx.chunk = heads, lse, sizes, chunk
+        for hid, valid, sc, part in zip(hiddens, heads.valid, heads.scales, loss.split(sizes)):
+            outs.append((part * valid * sc).view(hid.shape[0], hid.shape[1]).t().contiguous())
+        ctx.heads, ctx.lse, ctx.sizes = heads, lse, sizes
         ctx.save_for_backward(weight, *hiddens)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_losses):
-        heads, lse, sizes, chunk = ctx.heads, ctx.lse, ctx.sizes, ctx.chunk
+        heads, lse, sizes = ctx.heads, ctx.lse, ctx.sizes
         weight, *hiddens = ctx.saved_tensors
         vocab, h = weight.shape
         vocab_start = heads.rank * vocab
         kern = _kernel(heads, weight)
         need_w = ctx.needs_input_grad[1]
-        acc = None
-        if need_w:
-            acc_dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
-            acc = torch.zeros(vocab, h, dtype=acc_dtype, device=weight.device)
-        buf = torch.empty(min(chunk, max(sizes, default=1)), vocab, dtype=weight.dtype, device=weight.device)
-        grads_h: List[Optional[torch.Tensor]] = []
+        acc_dt = _acc_dtype(weight.dtype)
+
+        # heads that take part, with their per-row coefficients
+        work = []
         off = 0
         for k, (hid, g_out) in enumerate(zip(hiddens, grad_losses)):
             n = sizes[k]
             need_x = ctx.needs_input_grad[2 + k]
-            if g_out is None or not (need_x or need_w):
-                grads_h.append(None)
-                off += n
-                continue
-            x = hid.reshape(-1, h)
-            lse_k = lse[off:off + n]
-            coef = g_out.t().reshape(-1).to(lse.dtype) * heads.valid[k] * heads.scales[k]
-            p_coef = coef * (1.0 + 2.0 * heads.z_loss * lse_k) if heads.z_loss else coef
-            gx = torch.empty_like(x) if need_x else None
-            for c0 in range(0, n, chunk):
-                c1 = min(c0 + chunk, n)
-                logits = torch.mm(x[c0:c1], weight.t(), out=buf[: c1 - c0])
-                _chunk_grad_inplace(kern, logits, heads.labels[k][c0:c1], vocab_start, lse_k[c0:c1],
-                                    p_coef[c0:c1].contiguous(), coef[c0:c1].contiguous())
-                if need_x:
-                    torch.mm(logits, weight, out=gx[c0:c1])
-                if need_w:
-                    _accumulate_weight_grad(acc, logits, x[c0:c1])
-            grads_h.append(None if gx is None else gx.view_as(hid))
+            if g_out is not None and (need_x or need_w):
+                lse_k = lse[off:off + n]
+                coef = (g_out.t().reshape(-1).to(lse.dtype) * heads.valid[k] * heads.scales[k]).contiguous()
+                p_coef = (coef * (1.0 + 2.0 * heads.z_loss * lse_k)).contiguous() if heads.z_loss else coef
+                work.append((k, hid.reshape(-1, h), lse_k, p_coef, coef, need_x))
             off += n
-        grad_w = None if acc is None else acc.to(weight.dtype)
+        grads_h: List[Optional[torch.Tensor]] = [None] * len(hiddens)
+        if not work:
+            return (None, None, *grads_h)
+
+        # vocab slice: the fp32 weight-grad accumulator of one slice stays ~256 MiB
+        vs = heads.vocab_chunk_size or (max(1, _CHUNK_BYTES // (h * 4)) if need_w else vocab)
+        vs = min(vs, vocab)
+        sliced = vs < vocab
+        longest = max(x.shape[0] for _, x, *_ in work)
+        chunk = min(heads.chunk_size or default_chunk_size(vs, weight.dtype, longest), longest)
+        buf = torch.empty(chunk * vs, dtype=weight.dtype, device=weight.device)
+
+        # hidden grads: written by one GEMM per chunk when the vocab is one slice, else fp32 sums
+        gx = {k: (torch.zeros if sliced else torch.empty)(x.shape, dtype=acc_dt if sliced else x.dtype,
+                                                           device=x.device)
+              for k, x, _, _, _, need_x in work if need_x}
+        main_grad = heads.main_grad
+        grad_w = None
+        if need_w and main_grad is None:
+            grad_w = torch.empty_like(weight)
+        acc_slice = None
+        if need_w and main_grad is None and acc_dt != weight.dtype:
+            acc_slice = torch.empty(vs * h, dtype=acc_dt, device=weight.device)
+
+        for v0 in range(0, vocab, vs):
+            v1 = min(v0 + vs, vocab)
+            w_s = weight[v0:v1]
+            acc = None
+            if need_w:
+                if main_grad is not None:
+                    acc = main_grad[v0:v1]
+                elif acc_slice is not None:
+                    acc = _tile(acc_slice, v1 - v0, h).zero_()
+                else:
+                    acc = grad_w[v0:v1].zero_()
+            for k, x, lse_k, p_coef, coef, need_x in work:
+                labels = heads.labels[k]
+                for c0 in range(0, x.shape[0], chunk):
+                    c1 = min(c0 + chunk, x.shape[0])
+                    g = torch.mm(x[c0:c1], w_s.t(), out=_tile(buf, c1 - c0, v1 - v0))
+                    _chunk_grad_inplace(kern, g, labels[c0:c1], vocab_start + v0, lse_k[c0:c1],
+                                        p_coef[c0:c1], coef[c0:c1])
+                    if need_x:
+                        if sliced:
+                            _accumulate_mm(gx[k][c0:c1], g, w_s)
+                        else:
+                            torch.mm(g, w_s, out=gx[k][c0:c1])
+                    if need_w:
+                        _accumulate_mm(acc, g.t(), x[c0:c1])
+            if acc_slice is not None:
+                grad_w[v0:v1].copy_(acc)
+        del buf, acc_slice
+
+        for k, x, *_ in work:
+            if k in gx:
+                grads_h[k] = gx[k].to(hiddens[k].dtype).view(hiddens[k].shape)
+        if need_w and main_grad is not None:
+            grad_w = _main_grad_return(weight)
         return (None, grad_w, *grads_h)
 
 
+def _main_grad_return(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """What megatron's linear layers return as weight grad after accumulating into ``main_grad``."""
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    dummy = make(weight.main_grad.shape, dtype=weight.dtype, device=weight.device, requires_grad=False)
+    weight.grad_added_to_main_grad = True
+    return dummy
+
+
 # ------------------------------------------------------------------------ public API -----------------
-def _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, chunk_size, z_loss_weight,
-             scales, use_kernels) -> _Heads:
+def _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, chunk_size,
+             vocab_chunk_size, z_loss_weight, scales, accumulate_into_main_grad, use_kernels) -> _Heads:
     if len(hiddens) != len(labels_list):
         raise ValueError(f"{len(hiddens)} hidden states but {len(labels_list)} label tensors")
     if weight.dim() != 2:
@@ -248,8 +323,14 @@ def _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, c
     scales = list(scales) if scales is not None else [1.0] * len(hiddens)
     if len(loss_masks) != len(hiddens) or len(scales) != len(hiddens):
         raise ValueError("loss_masks and scales need one entry per head")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for name, val in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if val is not None and val < 1:
+            raise ValueError(f"{name} must be >= 1, got {val}")
+    main_grad = None
+    if accumulate_into_main_grad:
+        main_grad = getattr(weight, "main_grad", None)
+        if main_grad is None or tuple(main_grad.shape) != tuple(weight.shape):
+            raise ValueError("accumulate_into_main_grad needs weight.main_grad shaped like weight")
     rank, world = _tp_info(tp_group)
     sdt = _stat_dtype(weight)
     labels, valid = [], []
@@ -269,7 +350,7 @@ def _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, c
         labels.append(lab_sb)
         valid.append(ok.to(sdt))
     return _Heads(labels, valid, [float(s) for s in scales], rank, world, tp_group, chunk_size,
-                  float(z_loss_weight), use_kernels)
+                  vocab_chunk_size, float(z_loss_weight), use_kernels, main_grad)
 
 
 def fused_mtp_cross_entropy(
@@ -283,13 +364,15 @@ def fused_mtp_cross_entropy(
     chunk_size: Optional[int] = None,
     z_loss_weight: float = 0.0,
     scales: Optional[Sequence[float]] = None,
+    vocab_chunk_size: Optional[int] = None,
+    accumulate_into_main_grad: bool = False,
     _use_kernels: bool = True,
 ) -> List[torch.Tensor]:
     """Per-token losses ``[b, s]`` of every head (main + MTP heads) in one autograd op."""
     if len(hiddens) == 0:
         return []
     heads = _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, chunk_size,
-                     z_loss_weight, scales, _use_kernels)
+                     vocab_chunk_size, z_loss_weight, scales, accumulate_into_main_grad, _use_kernels)
     return list(_FusedLinearCrossEntropy.apply(heads, weight, *hiddens))
 
 
@@ -304,11 +387,15 @@ def fused_linear_cross_entropy(
     chunk_size: Optional[int] = None,
     z_loss_weight: float = 0.0,
     scale: float = 1.0,
+    vocab_chunk_size: Optional[int] = None,
+    accumulate_into_main_grad: bool = False,
 ) -> torch.Tensor:
     """Per-token loss ``[b, s]`` of one head (see the module docstring)."""
     return fused_mtp_cross_entropy([hidden], weight, [labels], loss_masks=[loss_mask],
                                    ignore_index=ignore_index, tp_group=tp_group, chunk_size=chunk_size,
-                                   z_loss_weight=z_loss_weight, scales=[scale])[0]
+                                   z_loss_weight=z_loss_weight, scales=[scale],
+                                   vocab_chunk_size=vocab_chunk_size,
+                                   accumulate_into_main_grad=accumulate_into_main_grad)[0]
 
 
 def reference_mtp_cross_entropy(hiddens, weight, labels_list, **kwargs) -> List[torch.Tensor]:

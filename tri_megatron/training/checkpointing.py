@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "tri_meta.json"
@@ -82,12 +83,13 @@ def _unwrap(m):
 
 def _model_sharded_state_dict(model: list) -> dict:
     model = [_unwrap(m) for m in model]
+    metadata = ensure_metadata_has_dp_cp_group(None)  # MTP off the first stage needs the DP group
     if len(model) == 1:
-        return {"model": model[0].sharded_state_dict()}
+        return {"model": model[0].sharded_state_dict(metadata=metadata)}
     sd = {}
     for i, m in enumerate(model):
         parallel_state.set_virtual_pipeline_model_parallel_rank(i)
-        sd[f"model{i}"] = m.sharded_state_dict()
+        sd[f"model{i}"] = m.sharded_state_dict(metadata=metadata)
     parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     return sd
 

@@ -1,0 +1,92 @@
+"""The Tri model pieces against plain PyTorch: presets, query scaling, core attention, parameter counts."""
+
+import math
+
+import pytest
+import torch
+
+from tri_megatron.presets import PRESETS, preset_parameters
+from tri_megatron.model.query_scaling import QueryScaling, positions_in_document
+
+
+@pytest.mark.parametrize("name", ["tri-7b", "tri-21b", "tri-70b"])
+def test_preset_sizes_match_published(name):
+    p = PRESETS[name]
+    assert preset_parameters(p) == pytest.approx(p.published_params, rel=0.005)
+
+
+def test_published_dimensions():
+    p = PRESETS["tri-21b"]
+    assert (p.num_layers, p.hidden_size, p.ffn_hidden_size, p.num_attention_heads, p.num_query_groups,
+            p.kv_channels, p.vocab_size, p.seq_length) == (40, 5120, 27392, 32, 8, 160, 124416, 8192)
+    p = PRESETS["tri-70b"]
+    assert (p.num_layers, p.hidden_size, p.ffn_hidden_size, p.num_attention_heads, p.num_query_groups,
+            p.kv_channels, p.vocab_size, p.seq_length, p.no_rope_freq, p.window_size) == \
+        (80, 8192, 28672, 64, 8, 128, 124416, 32768, 4, 4096)
+
+
+def test_ssmax_scales_each_query_by_s_log_n():
+    qs = QueryScaling("ssmax", 3, ssmax_init=0.5)
+    with torch.no_grad():
+        qs.ssmax_scale.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    q = torch.randn(5, 2, 3, 4)
+    out = qs(q)
+    for i in range(5):
+        for h in range(3):
+            expected = q[i, :, h] * qs.ssmax_scale[h] * math.log(i + 1)
+            torch.testing.assert_close(out[i, :, h], expected)
+    out.sum().backward()
+    assert qs.ssmax_scale.grad is not None and qs.ssmax_scale.grad.abs().sum() > 0
+
+
+def test_temperature_tuning_matches_llama4_formula():
+    qs = QueryScaling("temperature", 2, floor_scale=4.0, attn_scale=0.1)
+    q = torch.ones(12, 1, 2, 2)
+    out = qs(q)
+    for pos in range(12):
+        factor = math.log(math.floor((pos + 1) / 4.0) + 1) * 0.1 + 1
+        assert out[pos, 0, 0, 0].item() == pytest.approx(factor)
+
+
+def test_positions_restart_in_each_document():
+    cu = torch.tensor([0, 3, 7, 9], dtype=torch.int32)
+    assert positions_in_document(9, "cpu", cu).tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1]
+
+
+def test_exact_parameter_count_of_built_model(megatron_single_process):
+    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.model.builder import build_model_chunks
+    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.presets import count_parameters
+
+    args = parse_args(["--mock-data", "--mtp-num-layers", "1", "--ssmax", "--vocab-size", "1024"])
+    validate_args(args, 1)
+    model = build_model_chunks(transformer_config_from_args(args, False), args, False)[0]
+    built = sum(p.numel() for p in model.parameters())
+    assert built == count_parameters(**vars(args))
+
+
+def test_sdpa_core_attention_matches_naive_windowed_gqa(megatron_single_process):
+    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.model.attention import SDPACoreAttention
+    from tri_megatron.model.config import transformer_config_from_args
+    from megatron.core.transformer.enums import AttnMaskType
+
+    args = parse_args(["--mock-data", "--window-size", "3", "--no-rope-freq", "4", "--window-attn-skip-freq", "4"])
+    validate_args(args, 1)
+    cfg = transformer_config_from_args(args, False)
+    attn = SDPACoreAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    s, b, h, g, d = 6, 2, 4, 2, 32
+    q, k, v = torch.randn(s, b, h, d), torch.randn(s, b, g, d), torch.randn(s, b, g, d)
+    out = attn(q, k, v, None)
+    # naive: repeat KV groups, causal mask limited to the 3 most recent keys (itself included)
+    kr, vr = k.repeat_interleave(h // g, dim=2), v.repeat_interleave(h // g, dim=2)
+    scores = torch.einsum("sbhd,tbhd->bhst", q, kr) / math.sqrt(d)
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    allowed = (j <= i) & (j > i - 3)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    expected = torch.einsum("bhst,tbhd->sbhd", probs, vr).reshape(s, b, h * d)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # layer 4 is a full-attention (NoPE) layer
+    full = SDPACoreAttention(cfg, layer_number=4, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    assert full.window is None and attn.window == (2, 0)
