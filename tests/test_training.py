@@ -16,7 +16,7 @@ def test_tiny_preset_learns_on_mock_data(tmp_path):
     first = sum(r["lm_loss"] for r in recs[:3]) / 3
     last = sum(r["lm_loss"] for r in recs[-3:]) / 3
     assert first > 6.5  # ~log(1024) at the start
-    assert last < first - 2.0, (first, last)
+    assert last < first - 1.0, (first, last)
     for key in ("iteration", "lm_loss", "mtp_loss", "grad_norm", "lr", "tokens_per_sec", "tflops_per_device", "mfu"):
         assert key in recs[0]
     assert recs[-1]["tokens_per_sec"] > 0 and recs[-1]["tflops_per_device"] > 0

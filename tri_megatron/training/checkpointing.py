@@ -12,6 +12,7 @@ finished, so a crash mid-save leaves the previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -110,6 +111,52 @@ def _layout(args) -> dict:
             "cp": args.context_parallel_size}
 
 
+def _prime_optimizer_state(optimizer) -> None:
+    """Give a never-stepped torch Adam its state (with 'step') before a load.
+
+    Without apex/TE, megatron-core's DistributedOptimizer.state_dict() reads every param's 'step',
+    which torch Adam only creates on its first step; megatron's init_state_fn does not add it.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or not hasattr(opt, "init_state_fn") or opt.init_state_fn is None:
+            continue
+        opt.init_state_fn(inner, getattr(opt, "config", None))
+        for state in inner.state.values():
+            state.setdefault("step", torch.tensor(0.0))
+
+
+@contextlib.contextmanager
+def _torch_adam_step_passthrough(optimizer):
+    """Without apex/TE, DistributedOptimizer.load_state_dict sets torch Adam's 'step' from the
+    checkpoint, then copies every per-param state tensor from the fully-reshardable payload, which
+    has no 'step' (KeyError). Hand the copy the step just restored, so it copies it onto itself."""
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is None:
+            continue
+
+        def with_step(model_param, tensors, _opt=opt, _setter=setter):
+            steps = [s["step"] for s in _opt.optimizer.state.values() if "step" in s]
+            if steps and "step" not in tensors:
+                tensors = {**tensors, "step": steps[0]}
+            return _setter(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = with_step
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+            # megatron hands every param the same 'step' tensor, which torch Adam then increments
+            # once per param: give each its own.
+            for state in opt.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+
 _OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -170,6 +217,7 @@ def load_checkpoint(root: str, model: list, optimizer, scheduler, args) -> tuple
     state = dict(model_sd)
     load_optim = optimizer is not None and meta.get("has_optimizer", False)
     if load_optim:
+        _prime_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_META)
     loaded = dist_checkpointing.load(state, path)
     if len(model) == 1:
@@ -178,7 +226,8 @@ def load_checkpoint(root: str, model: list, optimizer, scheduler, args) -> tuple
         for i, m in enumerate(model):
             _unwrap(m).load_state_dict(loaded[f"model{i}"])
     if load_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _torch_adam_step_passthrough(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
     # A weights-only checkpoint (--no-save-optim) starts a fresh schedule from this run's flags.
     if scheduler is not None and load_optim and loaded.get("scheduler"):
         scheduler.load_state_dict(loaded["scheduler"])

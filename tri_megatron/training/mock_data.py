@@ -15,7 +15,7 @@ import torch
 def mock_sample(index: int, seq_length: int, vocab_size: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng((seed, index))
     start = int(rng.integers(vocab_size))
-    stride = int(rng.integers(1, 8))
+    stride = int(rng.integers(1, 3))
     return (start + stride * np.arange(seq_length + 1)) % vocab_size
 
 
