@@ -69,9 +69,26 @@ def _nvcc_cmd(src, obj, arch, std):
             "-O3", "--use_fast_math", *cpp_extension.COMMON_NVCC_FLAGS, f"-I{KDIR}"]
 
 
-def test_sources_present():
+def test_sources_present_and_loader_builds_what_setup_builds():
+    from tri_megatron.ops._kernels import kernel_sources
+
     assert CU_SOURCES, "no .cu kernels under csrc/kernels"
     assert CPP_SOURCES, "no bindings .cpp under csrc/kernels"
+    # setup.py globs csrc/kernels/*.cpp + *.cu; the JIT loader must compile the same set
+    assert sorted(kernel_sources()) == sorted(CU_SOURCES + CPP_SOURCES)
+
+
+def test_loader_without_cuda_falls_back_to_references(monkeypatch):
+    from tri_megatron.ops import _kernels
+
+    monkeypatch.setattr(_kernels, "_state", {"tried": False, "module": None, "error": None})
+    monkeypatch.setenv("TRI_DISABLE_CUDA_KERNELS", "1")
+    assert _kernels.get_kernels() is None and not _kernels.kernels_available()
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(_kernels, "_state", {"tried": False, "module": None, "error": None})
+        monkeypatch.delenv("TRI_DISABLE_CUDA_KERNELS")
+        assert _kernels.use_kernels_for(torch.zeros(1)) is None  # CPU tensors never load kernels
+        assert _kernels.get_kernels() is None  # a CPU-only torch neither imports nor JIT-builds
 
 
 @needs_nvcc

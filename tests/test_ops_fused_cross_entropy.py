@@ -147,16 +147,27 @@ def test_chunks_bound_the_logits(monkeypatch):
     sum(l.sum() for l in losses).backward()
     tiles = seen[n_fwd:]  # recomputed [rows, vocab slice] logits (the grad GEMMs accumulate via addmm_)
     assert len(tiles) == 3 * 12 and all(r <= 3 and c <= 4 for r, c in tiles)
-    assert fce.default_chunk_size(124416, torch.bfloat16, 8192) == 2**28 // (124416 * 2)
-    assert fce.default_chunk_size(15552, torch.bfloat16, 8192) == 8192
+    assert fce.default_chunk_size(124416, torch.bfloat16, 8192) == fce.TILE_BYTES // (124416 * 2)
+    assert fce.default_chunk_size(15552, torch.bfloat16, 100) == 100
 
 
-def test_bf16_sliced_backward_close_to_float64():
-    """bf16 through the tiled backward (fp32 accumulators across tiles) stays at bf16 accuracy."""
-    xs, w, labels, masks = _problem(S=12, B=2, H=16, V=40, heads=2, seed=9)
+@pytest.mark.parametrize("vocab,hidden,vchunk,plan", [
+    (40, 16, 7, "sliced"),    # explicit vocab slices
+    (40, 16, None, "single"),  # auto: one tile per head, weight grad summed over heads in bf16
+    (40, 4, None, "acc"),      # auto: one fp32 [V, h] weight-grad accumulator over token chunks
+    (200, 16, None, "sliced"),  # auto: fp32 hidden-grad sums over vocab slices
+])
+def test_bf16_tiled_backward_close_to_float64(monkeypatch, vocab, hidden, vchunk, plan):
+    """bf16 through every backward plan stays at bf16 accuracy against float64."""
+    monkeypatch.setattr(fce, "TILE_BYTES", 512)
+    monkeypatch.setattr(fce, "_MIN_ACC_CHUNK_ROWS", 1)  # tiny shapes: let the "acc" plan compete
+    seen = []
+    real_plan = fce._backward_plan
+    monkeypatch.setattr(fce, "_backward_plan", lambda **kw: seen.append(real_plan(**kw)) or seen[-1])
+    xs, w, labels, masks = _problem(S=12, B=2, H=hidden, V=vocab, heads=2, seed=9)
     x16 = [x.bfloat16().requires_grad_() for x in xs]
     w16 = w.bfloat16().requires_grad_()
-    losses = fused_mtp_cross_entropy(x16, w16, labels, loss_masks=masks, chunk_size=5, vocab_chunk_size=7)
+    losses = fused_mtp_cross_entropy(x16, w16, labels, loss_masks=masks, vocab_chunk_size=vchunk)
     sum((l * m).sum() for l, m in zip(losses, masks)).backward()
     xd = [x.detach().double().requires_grad_() for x in x16]
     wd = w16.detach().double().requires_grad_()
@@ -167,6 +178,24 @@ def test_bf16_sliced_backward_close_to_float64():
     torch.testing.assert_close(w16.grad.double(), wd.grad, rtol=3e-2, atol=3e-2)
     for a, b in zip(x16, xd):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=3e-2, atol=3e-2)
+    assert seen and seen[0][0] == plan
+
+
+def test_backward_plan_at_tri21b_shapes():
+    """The workspace plan per TP degree at Tri-21B shapes (hidden 5120, 8192 tokens, bf16)."""
+    def plan(tp, depth):
+        return fce._backward_plan(vocab=124416 // tp, hidden=5120, elem=2, longest=8192,
+                                  x_rows=8192 * (1 + depth), fp32_acc=True, chunk_size=None,
+                                  vocab_chunk_size=None)
+    assert plan(1, 1)[0] == plan(1, 2)[0] == plan(2, 2)[0] == "sliced"
+    assert plan(4, 2)[0] == plan(8, 1)[0] == plan(8, 2)[0] == "single"
+    # the fp32 whole-shard accumulator is never picked with short token chunks (TP=1: 539 rows)
+    assert fce._backward_plan(vocab=124416, hidden=64, elem=2, longest=8192, x_rows=8192 * 3,
+                              fp32_acc=True, chunk_size=None, vocab_chunk_size=None)[0] != "acc"
+    kind, vs, chunk = plan(1, 1)
+    assert vs * 5120 * 4 <= fce.TILE_BYTES and vs * chunk * 2 <= fce.TILE_BYTES
+    assert fce._backward_plan(vocab=9, hidden=4, elem=4, longest=10, x_rows=10, fp32_acc=False,
+                              chunk_size=None, vocab_chunk_size=None)[0] == "direct"
 
 
 @pytest.mark.parametrize("with_flag", [False, True])
@@ -283,11 +312,17 @@ def test_gpu_kernel_matches_reference(dtype, vocab):
     # losses: fp32 softmax both ways (fast-math exp in the kernel) -> 1e-4 relative
     for a, b in zip(kl, rl):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    # gradients: the kernel rounds softmax - onehot to the logits dtype once, like the reference
-    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-4)
-    torch.testing.assert_close(kw_.float(), rw.float(), **tol)
+    # gradients: the kernel rounds softmax - onehot to the logits dtype once, like the reference;
+    # compared by relative norm (the entries are ~1e-6, so elementwise atol would say nothing)
+    bound = 1e-4 if dtype == torch.float32 else 1e-2
+    assert _rel_err(kw_, rw) < bound
     for a, b in zip(kx, rx):
-        torch.testing.assert_close(a.float(), b.float(), **tol)
+        assert _rel_err(a, b) < bound
+
+
+def _rel_err(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 @cuda
@@ -306,5 +341,5 @@ def test_gpu_fused_matches_megatron_unfused_bf16():
     ref = F.cross_entropy(logits.view(-1, V), labels.t().reshape(-1), reduction="none").view(S, B).t()
     ref.mean().backward()
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(gx.float(), x.grad.float(), rtol=2e-2, atol=1e-5)
-    torch.testing.assert_close(gw.float(), w.grad.float(), rtol=2e-2, atol=1e-5)
+    assert _rel_err(gx, x.grad) < 1e-2
+    assert _rel_err(gw, w.grad) < 1e-2

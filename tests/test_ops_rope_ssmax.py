@@ -254,11 +254,11 @@ def _gpu_case(dtype, thd, mode, rot_dim=128, D=128):
         freqs = _freqs(512, rot_dim, dtype=torch.float32).cuda()
     s = (torch.rand(8, device="cuda", generator=g) + 0.5)
     kw = dict(mode=mode, floor_scale=64.0, attn_scale=0.1, cu_seqlens=cu)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
     out = []
     for fn in (apply_rope_and_query_scale, reference_rope_and_query_scale):
         qq, kk, ss = (t.detach().clone().requires_grad_() for t in (q, k, s))
         qo, ko = fn(qq, kk, freqs, ssmax_scale=ss, **kw)
-        gq, gk = torch.ones_like(qo) * 0.01, torch.full_like(ko, -0.02)
         torch.autograd.backward((qo, ko), (gq, gk))
         out.append((qo, ko, qq.grad, kk.grad, ss.grad if mode == "ssmax" else None))
     return out

@@ -14,7 +14,8 @@ tokens a group is first to need. Without --quota, one BPE is trained on the bala
 
 Writes DIR/tokenizer.json (loadable by transformers' PreTrainedTokenizerFast and AutoTokenizer),
 tokenizer_config.json, special_tokens_map.json and train_report.json (realised quotas, fertility:
-tokens per character / word / UTF-8 byte per label on held-out text; --compare adds another tokenizer).
+tokens per character / whitespace word (not for unsegmented scripts such as Japanese) / UTF-8 byte per
+label on held-out text; --compare adds other tokenizers on the same held-out text).
 """
 from __future__ import annotations
 
@@ -173,8 +174,9 @@ def fertility(tok, docs: List[str]) -> Dict[str, float]:
     chars = sum(len(d) for d in docs)
     words = sum(len(d.split()) for d in docs)
     nbytes = sum(len(d.encode("utf-8")) for d in docs)
+    segmented = words > 0 and chars / words < 15  # Japanese/Chinese text has no spaces between words
     return {"docs": len(docs), "tokens": tokens, "tokens_per_char": tokens / max(1, chars),
-            "tokens_per_word": tokens / max(1, words), "tokens_per_byte": tokens / max(1, nbytes),
+            "tokens_per_word": tokens / words if segmented else None, "tokens_per_byte": tokens / max(1, nbytes),
             "chars_per_token": chars / max(1, tokens)}
 
 
@@ -206,8 +208,9 @@ def print_fertility(report: Dict[str, Dict[str, Dict[str, float]]]) -> None:
     for name, per_label in report.items():
         for label, f in per_label.items():
             if f:
-                print(f"{name:<12} {label:<8} {f['docs']:>5} {f['tokens_per_char']:>9.3f} "
-                      f"{f['tokens_per_word']:>9.3f} {f['tokens_per_byte']:>9.3f}")
+                per_word = f"{f['tokens_per_word']:>9.3f}" if f["tokens_per_word"] is not None else f"{'-':>9}"
+                print(f"{name:<12} {label:<8} {f['docs']:>5} {f['tokens_per_char']:>9.3f} {per_word} "
+                      f"{f['tokens_per_byte']:>9.3f}")
 
 
 def main(argv=None) -> int:
@@ -248,7 +251,9 @@ def main(argv=None) -> int:
               f"held out {n_held:>4}")
 
     budget = args.vocab_size - base
-    report: Dict = {"vocab_size": args.vocab_size, "special_tokens": specials, "labels": sorted(pools)}
+    report: Dict = {"vocab_size": args.vocab_size, "special_tokens": specials, "labels": sorted(pools),
+                    "documents": {lab: {"seen": pools[lab].seen, "train": len(train_docs[lab]),
+                                        "heldout": len(heldout[lab])} for lab in sorted(pools)}}
     if quota:
         unknown = [lab for labels, _ in quota.values() for lab in labels if lab != "rest" and lab not in pools]
         if unknown:

@@ -31,19 +31,6 @@ std::vector<int64_t> build_impl(int16_t *dataset_index, SampleT *dataset_sample_
   std::vector<int64_t> counts(k, 0);
   std::vector<double> base(k, 0.0), a(k, 0.0), b(k, 0.0);
 
-  // weight of dataset d at (real) sample position x
-  auto weight_at = [&](double x, int64_t d) -> double {
-    if (x <= pos[0]) return w[d];
-    if (x >= pos[m - 1]) return w[(m - 1) * k + d];
-    int64_t lo = 0, hi = m - 1;  // pos[lo] <= x < pos[hi]
-    while (hi - lo > 1) {
-      int64_t mid = (lo + hi) / 2;
-      if (pos[mid] <= x) lo = mid; else hi = mid;
-    }
-    double t = (x - pos[lo]) / (pos[hi] - pos[lo]);
-    return w[lo * k + d] + (w[hi * k + d] - w[lo * k + d]) * t;
-  };
-
   // segment boundaries: integer sample indices where the weight function changes slope
   std::vector<int64_t> bounds;
   bounds.push_back(0);
@@ -56,11 +43,20 @@ std::vector<int64_t> build_impl(int16_t *dataset_index, SampleT *dataset_sample_
   for (size_t s_i = 0; s_i + 1 < bounds.size(); ++s_i) {
     const int64_t s = bounds[s_i], e = bounds[s_i + 1];
     if (e <= s) continue;
-    // within [s, e) w_d(j) = a_d + b_d * (j - s): the segment lies between two knots (or outside)
+    // within [s, e) w_d(j) = a_d + b_d * (j - s). a and b come from the knots alone (not from e), so the
+    // index for N samples is a prefix of the index for any larger N: longer runs keep the same order.
+    const double x = static_cast<double>(s);
+    int64_t lo = -1;  // knot interval [pos[lo], pos[lo+1]) holding s; -1 before the first, m-1 after the last
+    while (lo + 1 < m && pos[lo + 1] <= x) ++lo;
     for (int64_t d = 0; d < k; ++d) {
-      a[d] = weight_at(static_cast<double>(s), d);
-      b[d] = (e - s > 1) ? (weight_at(static_cast<double>(e - 1), d) - a[d]) / static_cast<double>(e - 1 - s)
-                         : 0.0;
+      if (lo < 0 || lo >= m - 1) {
+        a[d] = w[(lo < 0 ? 0 : m - 1) * k + d];
+        b[d] = 0.0;
+      } else {
+        const double w0 = w[lo * k + d], w1 = w[(lo + 1) * k + d];
+        b[d] = (w1 - w0) / (pos[lo + 1] - pos[lo]);
+        a[d] = w0 + b[d] * (x - pos[lo]);
+      }
     }
     for (int64_t j = s; j < e; ++j) {
       const double cnt = static_cast<double>(j - s + 1);

@@ -139,6 +139,7 @@ void rope_query_scale(const std::optional<at::Tensor>& q_in, const std::optional
     TORCH_CHECK(p.rot_dim % 2 == 0 && p.rot_dim <= p.head_dim, "rot_dim must be even and <= head dim");
     p.cos = cos->data_ptr<float>();
     p.sin = sin->data_ptr<float>();
+    p.freq_rows = cos->size(0);
     p.freq_batch = freq_batch;
     TORCH_CHECK(freq_batch == 1 || freq_batch == p.batch, "freq_batch must be 1 or B");
   }
@@ -155,7 +156,7 @@ void rope_query_scale(const std::optional<at::Tensor>& q_in, const std::optional
   }
   TORCH_CHECK(mode >= tk::kScaleNone && mode <= tk::kScaleTemperature, "bad query-scale mode ", mode);
   p.mode = static_cast<int>(mode);
-  if (mode == tk::kScaleSSMax) {
+  if (mode == tk::kScaleSSMax && q_in.has_value()) {  // the factor only touches q
     TORCH_CHECK(ssmax_scale.has_value(), "SSMax needs ssmax_scale");
     check_vector(*ssmax_scale, at::kFloat, p.heads_q, like, "ssmax_scale");
     p.ssmax_scale = ssmax_scale->data_ptr<float>();

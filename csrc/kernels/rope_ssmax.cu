@@ -8,7 +8,8 @@
 // log(floor((pos + 1) / floor_scale) + 1) * attn_scale + 1 (temperature tuning). Dims past rot_dim
 // pass through (scaled). Math is fp32, each output is rounded once to the storage dtype.
 // Backward also writes, per (row, q head), log(n) * sum_d g * R(q) for the SSMax scale gradient
-// (a deterministic warp reduction; the caller sums over rows).
+// (a deterministic warp reduction; the caller sums over rows). A token whose RoPE table row is past
+// the end of the tables (freqs shorter than its document) gets NaN outputs rather than a wild read.
 #include <cstdint>
 
 #include "common.cuh"
@@ -78,6 +79,11 @@ __global__ void __launch_bounds__(kBlock) rope_query_scale_kernel(const RopePara
                            : nullptr;
   float acc = 0.f;
 
+  if (p.rotate && freq_row >= p.freq_rows) {  // freqs too short for this document: fail loudly
+    for (int d = lane; d < p.head_dim; d += 32) dst[d] = from_float<T>(__int_as_float(0x7fc00000));
+    if (want_ds && lane == 0) p.ds_partial[row * p.heads_q + h] = __int_as_float(0x7fc00000);
+    return;
+  }
   int pass_start = 0;
   if (p.rotate) {
     const int half = p.rot_dim / 2;

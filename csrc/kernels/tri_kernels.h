@@ -54,6 +54,7 @@ struct RopeParams {
   // s * freq_batch + (freq_batch > 1 ? b : 0); thd: table row = position within the document.
   const float* cos = nullptr;
   const float* sin = nullptr;
+  int64_t freq_rows = 0;  // rows of the tables; a token needing a row past them gets NaN outputs
   int64_t freq_batch = 1;
   // Packed sequences: cu_seqlens [num_docs + 1] int32 (thd only), or nullptr.
   const int32_t* cu_seqlens = nullptr;

@@ -19,7 +19,7 @@ class NoTokenizer:
     """Stands in for a tokenizer in megatron-core's config when none is given (no EOD masking possible)."""
 
     vocab_size = None
-    eod = -1
+    eod = -2  # never a token id; not -1, which megatron-core uses for padding (and warns on a clash)
     unique_identifiers = {"class": "NoTokenizer"}
 
     @property

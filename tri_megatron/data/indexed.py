@@ -19,6 +19,7 @@ _HEADER = b"MMIDIDX\x00\x00"
 _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
            8: np.uint16}
 _FIXED = 9 + 8 + 1 + 8 + 8
+_CHUNK = 1 << 24
 
 
 @dataclass
@@ -65,17 +66,23 @@ def check_indexed_dataset(prefix: str, flag: str = "--data-path", deep: bool = T
         if n_doc < 1 or docs[0] != 0 or docs[-1] != n_seq:
             raise _fail(flag, prefix, f"{idx} has inconsistent document indices")
         itemsize = np.dtype(dtype).itemsize
-        num_tokens = int(lengths.sum(dtype=np.int64))
+        num_tokens = 0
+        for lo in range(0, n_seq, _CHUNK):  # chunked: bounded memory on files with billions of documents
+            chunk = lengths[lo:lo + _CHUNK]
+            if deep:
+                if (chunk < 0).any():
+                    raise _fail(flag, prefix, f"{idx} is corrupt (negative sequence lengths)")
+                expect = np.cumsum(chunk, dtype=np.int64) - chunk + num_tokens
+                if not np.array_equal(pointers[lo:lo + _CHUNK], expect * itemsize):
+                    raise _fail(flag, prefix, f"{idx} is corrupt (sequence pointers do not match lengths)")
+            num_tokens += int(chunk.sum(dtype=np.int64))
         if num_tokens * itemsize != bin_size:
             raise _fail(flag, prefix, f"{bin_} has {bin_size} bytes but {idx} describes "
                                       f"{num_tokens * itemsize} (truncated or mismatched pair)")
-        if deep and n_seq:
-            if (lengths < 0).any() or (np.diff(docs) < 0).any():
-                raise _fail(flag, prefix, f"{idx} is corrupt (negative lengths or unordered documents)")
-            expect_ptr = np.zeros(n_seq, dtype=np.int64)
-            np.cumsum(lengths[:-1], dtype=np.int64, out=expect_ptr[1:])
-            if not np.array_equal(pointers, expect_ptr * itemsize):
-                raise _fail(flag, prefix, f"{idx} is corrupt (sequence pointers do not match lengths)")
+        if deep:
+            for lo in range(0, n_doc, _CHUNK):
+                if (np.diff(docs[lo:lo + _CHUNK + 1]) < 0).any():
+                    raise _fail(flag, prefix, f"{idx} is corrupt (document indices out of order)")
     finally:
         del mm
     return IndexedInfo(prefix, dtype, int(n_seq), int(n_doc) - 1, num_tokens)

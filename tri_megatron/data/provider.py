@@ -2,7 +2,9 @@
 
     add_data_args(parser)        --data-path, --data-mixture-schedule, --split, --data-cache-path,
                                  --tokenizer, --num-workers, --eod-mask-loss
-    validate_data_args(args)     ValueError (one line: flag + fix) for bad files, schedule, split; cheap
+    validate_data_args(args)     ValueError (one line: flag + fix) for bad files, schedule, split, a
+                                 --vocab-size below the tokenizer's; cheap
+    data_vocab_size(args)        the tokenizer's vocabulary size, or None without --tokenizer
     build_data(args, dp_rank=, dp_size=, train_samples=, eval_samples=) -> DataBundle   (collective when
                                  torch.distributed is initialised: rank 0 builds the caches first)
 
@@ -116,6 +118,10 @@ def _plan(args) -> _Plan:
     split_matrix = _parse_split(getattr(args, "split", "98,2,0"))
     if getattr(args, "num_workers", 0) < 0:
         raise ValueError(f"--num-workers {args.num_workers}: must be >= 0")
+    model_vocab = getattr(args, "vocab_size", None)
+    if tokenizer is not None and model_vocab is not None and model_vocab < tokenizer.vocab_size:
+        raise ValueError(f"--vocab-size {model_vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
+                         f"({tokenizer.path}); pass --vocab-size {tokenizer.vocab_size} or more")
     return _Plan(prefixes, weights, prefix_domains, domains, schedule, split_matrix, tokenizer)
 
 
@@ -139,6 +145,19 @@ def _rank0_first(fn):
     return fn()
 
 
+def _is_first_rank() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def data_vocab_size(args) -> Optional[int]:
+    """The tokenizer's vocabulary size when --tokenizer is given (cheap: reads only the tokenizer)."""
+    from .tokenizer import TriTokenizer
+
+    return TriTokenizer(args.tokenizer).vocab_size if getattr(args, "tokenizer", None) else None
+
+
 def _collate(batch):
     import torch
     from torch.utils.data import default_collate
@@ -153,13 +172,17 @@ def _collate(batch):
 
 @dataclass
 class DataBundle:
+    """This rank's data. `valid_domains` is ["all"] (every validation sample, interleaved by size) followed by
+    each domain that has validation samples when there are several; empty when the split gives none.
+    `train_iterator` ends after `train_samples` (= train_iters * global_batch_size)."""
+
     vocab_size: Optional[int]
     eod_id: Optional[int]
     domains: List[str]
     valid_domains: List[str]
     seq_length: int
     train_samples: int
-    fingerprint: str  # changes when the mixture index would change; store it with checkpoints
+    fingerprint: str  # changes when the sample order would change (not with --train-iters); store with checkpoints
     schedule: object
     prefix_domain_ids: List[int]
     epochs_per_prefix: List[int]
@@ -219,8 +242,6 @@ def build_data(args, *, dp_rank: int, dp_size: int, train_samples: int, eval_sam
     seq_length, mbs = int(args.seq_length), int(args.micro_batch_size)
     cache = args.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(plan.prefixes[0])), "cache")
     tokenizer = plan.tokenizer or NoTokenizer()
-    from megatron.core.datasets.utils import Split  # noqa: F401  (import megatron before building)
-
     config = gpt_config(int(args.seed), seq_length, plan.prefixes, getattr(args, "split", "98,2,0"), cache,
                         tokenizer, bool(getattr(args, "eod_mask_loss", False)))
     domain_id = {d: i for i, d in enumerate(plan.domains)}
@@ -256,10 +277,12 @@ def build_data(args, *, dp_rank: int, dp_size: int, train_samples: int, eval_sam
         for k, dom in enumerate(schedule.domains):
             if schedule.weights[:, k].max() > 0 and not any(W[:, i].max() > 0 for i in range(len(data))
                                                              if plan.prefix_domains[i] == dom):
-                raise ValueError(f"--data-path: domain '{dom}' is scheduled but none of its prefixes has "
-                                 "training samples (or all have weight 0)")
+                raise ValueError(f"--data-path: domain '{dom}' has a scheduled weight but no prefix of it has a "
+                                 f"training sample of --seq-length {seq_length}+1 tokens with a positive weight; "
+                                 "add data, lower --seq-length or schedule it at 0")
         positions = schedule.positions_in_samples(seq_length)
-        identity = [f"{os.path.abspath(p)}:{int(n)}" for p, n in zip(plan.prefixes, epoch_lens)]
+        # the index depends only on the knots, the weights and N; names and sizes make the cache key readable
+        identity = [f"{os.path.basename(p)}:{int(n)}" for p, n in zip(plan.prefixes, epoch_lens)]
         index = build_or_load(positions, W, int(train_samples), os.path.join(cache, "mixture"), identity)
         chains = [EpochChain(d, int(c)) if c > 0 else _Empty() for d, c in zip(data, index.counts)]
         train = _mixture(chains, prefix_domain_ids, index)
@@ -274,14 +297,16 @@ def build_data(args, *, dp_rank: int, dp_size: int, train_samples: int, eval_sam
                     sub = [(v, d) for v, d in vsets if plan.domains[d] == dom]
                     valid[dom] = exhaustive_blend([v for v, _ in sub], [d for _, d in sub])
         for name, ds in valid.items():
-            if eval_samples and len(ds) < eval_samples:
+            if eval_samples and len(ds) < eval_samples and _is_first_rank():
                 logger.warning("validation set '%s' has %d samples, fewer than the %d one evaluation reads: "
                                "its samples repeat within an evaluation", name, len(ds), eval_samples)
         epochs = [c.num_epochs if isinstance(c, EpochChain) else 0 for c in chains]
-        return schedule, index, train, valid, epochs, identity
+        return schedule, index, train, valid, epochs, (positions.tolist(), W.tolist(), identity)
 
-    schedule, index, train, valid, epochs, identity = _rank0_first(build)
-    fingerprint = hashlib.md5(repr((index.cache_path, identity, int(train_samples))).encode(),
+    schedule, index, train, valid, epochs, plan_key = _rank0_first(build)
+    # same fingerprint => same sample at every global index both runs have (the index for N samples is a
+    # prefix of the index for more), whatever --train-iters is; store it with checkpoints to catch changes
+    fingerprint = hashlib.md5(repr((plan_key, int(args.seed), seq_length, getattr(args, "split", None))).encode(),
                               usedforsecurity=False).hexdigest()
     bundle = DataBundle(
         vocab_size=plan.tokenizer.vocab_size if plan.tokenizer else None,
@@ -292,7 +317,7 @@ def build_data(args, *, dp_rank: int, dp_size: int, train_samples: int, eval_sam
         _train=train, _valid=valid, _index=index,
         _layout=(mbs, int(dp_rank), int(dp_size), int(getattr(args, "num_workers", 0) or 0)),
     )
-    if dp_rank == 0:
+    if _is_first_rank():
         logger.info("data: %d prefixes in domains %s; %d train samples (index %s, built in %.2fs); epochs per "
                     "prefix %s; validation sets %s", len(plan.prefixes), plan.domains, train_samples,
                     index.cache_path, index.build_seconds, epochs, list(valid))

@@ -71,6 +71,7 @@ def _load() -> Optional[ModuleType]:
         _state["error"] = RuntimeError("CUDA_HOME not found: cannot JIT-build the Tri kernels")
         return None
     try:
+        _log.info("JIT-building the tri_megatron CUDA kernels (first use; cached by torch afterwards)")
         return _jit_build()
     except Exception as exc:  # a failed build falls back to the references, loudly
         _state["error"] = exc

@@ -39,15 +39,17 @@ So the caller wraps the input as megatron does::
     loss = fused_linear_cross_entropy(hidden, output_layer.weight, labels, tp_group=tp_group)
 
 How: the forward processes ``chunk_size`` token rows at a time against the whole vocab shard
-(default: a logits chunk of ~256 MiB), so a full ``[tokens, V/tp]`` logits tensor is never stored; it
+(default: a logits chunk of ~128 MiB), so a full ``[tokens, V/tp]`` logits tensor is never stored; it
 keeps only per-token max, sum-exp and target logit (and saves nothing but ``hidden`` and ``weight``,
-which megatron's output layer saves too). The backward walks tiles of ``vocab_chunk_size`` vocab rows
-(default: an fp32 ``[slice, h]`` weight-grad accumulator of ~256 MiB) by ``chunk_size`` tokens,
-recomputes each tile's logits (cuBLAS GEMM), overwrites them in place with
+which megatron's output layer saves too). The backward walks tiles of token chunks by the vocab shard (or by
+vocab slices), recomputes each tile's logits (cuBLAS GEMM), overwrites them in place with
 ``(softmax * (1 + 2 z lse) - onehot) * dloss * scale * mask`` (the CUDA kernel; a PyTorch reference
-on CPU), and feeds the tile to the two GEMMs: the weight gradient of a vocab slice accumulates in fp32
-over all heads and tokens (cast once to the weight dtype), the hidden gradients in fp32 over the vocab
-slices (a single GEMM per chunk when the shard is one slice).
+on CPU), and feeds the tile to the input- and weight-gradient GEMMs. For bf16 / fp16 weights it picks
+the cheapest of three workspace plans (``_backward_plan``): one tile per head with the weight gradient
+summed over heads in its own dtype (exactly the rounding of the unfused path; high TP), an fp32
+``[V/tp, h]`` weight-gradient accumulator over token chunks, or fp32 weight-gradient slices of
+~128 MiB with the hidden gradients summed in fp32 over slices (low TP). Explicit ``chunk_size`` /
+``vocab_chunk_size`` force the fp32 plans with those tiles.
 
 ``accumulate_into_main_grad=True`` mirrors megatron's ``gradient_accumulation_fusion``: the weight
 gradient is added straight into ``weight.main_grad`` (captured at forward) and the op returns
@@ -65,16 +67,18 @@ import torch.distributed as dist
 from tri_megatron.ops._kernels import use_kernels_for
 
 __all__ = ["fused_linear_cross_entropy", "fused_mtp_cross_entropy", "reference_mtp_cross_entropy",
-           "default_chunk_size"]
+           "default_chunk_size", "TILE_BYTES"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CHUNK_BYTES = 256 * 2**20
+# Byte budget of one logits tile and of the fp32 weight-grad slice (the default chunking); tools and
+# tests may lower it to keep the tiling structure of full-size runs at reduced sizes.
+TILE_BYTES = 128 * 2**20
 
 
 def default_chunk_size(vocab_local: int, dtype: torch.dtype, rows: int) -> int:
-    """Token rows per chunk so that one logits chunk is about 256 MiB (at least 1, at most ``rows``)."""
+    """Token rows per chunk so that one logits chunk is about ``TILE_BYTES`` (128 MiB), in [1, rows]."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return max(1, min(rows, _CHUNK_BYTES // max(1, vocab_local * elem)))
+    return max(1, min(rows, TILE_BYTES // max(1, vocab_local * elem)))
 
 
 def _tp_info(tp_group) -> tuple[int, int]:
@@ -84,19 +88,29 @@ def _tp_info(tp_group) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------ per-chunk primitives -------
+def _ref_row_blocks(logits: torch.Tensor):
+    """Row blocks for the PyTorch reference, so its fp32 temporaries stay ~1/8 of a logits tile (the
+    kernels have none): CPU memory measurements then reflect the fused design, not the reference."""
+    step = max(1, (TILE_BYTES // 8) // max(1, logits.shape[1] * 4))
+    for r0 in range(0, logits.shape[0], step):
+        yield slice(r0, min(r0 + step, logits.shape[0]))
+
+
 def _chunk_stats(kern, logits, labels, vocab_start, row_max, row_sumexp, target):
     """Per-row max, sum exp(x - max), target logit (0 outside this shard) of one logits chunk."""
     if kern is not None:
         kern.ce_forward_stats(logits, labels, vocab_start, row_max, row_sumexp, target)
         return
-    lf = logits.to(row_max.dtype)
-    m = lf.amax(dim=-1)
-    row_max.copy_(m)
-    row_sumexp.copy_(torch.exp(lf - m[:, None]).sum(dim=-1))
-    t = labels - vocab_start
-    inside = (t >= 0) & (t < logits.shape[1])
-    picked = lf.gather(1, t.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
-    target.copy_(torch.where(inside, picked, torch.zeros_like(picked)))
+    vocab = logits.shape[1]
+    for rb in _ref_row_blocks(logits):
+        lf = logits[rb].to(row_max.dtype, copy=True)
+        m = lf.amax(dim=-1)
+        row_max[rb] = m
+        row_sumexp[rb] = torch.exp(lf.sub_(m[:, None])).sum(dim=-1)
+        t = labels[rb] - vocab_start
+        inside = (t >= 0) & (t < vocab)
+        picked = logits[rb].gather(1, t.clamp(0, vocab - 1)[:, None])[:, 0].to(target.dtype)
+        target[rb] = torch.where(inside, picked, torch.zeros_like(picked))
 
 
 def _chunk_grad_inplace(kern, logits, labels, vocab_start, lse, p_coef, t_coef):
@@ -104,11 +118,14 @@ def _chunk_grad_inplace(kern, logits, labels, vocab_start, lse, p_coef, t_coef):
     if kern is not None:
         kern.ce_backward_inplace(logits, labels, vocab_start, lse, p_coef, t_coef)
         return
-    g = torch.exp(logits.to(lse.dtype) - lse[:, None]) * p_coef[:, None]
-    t = labels - vocab_start
-    rows = torch.nonzero((t >= 0) & (t < logits.shape[1]), as_tuple=True)[0]
-    g[rows, t[rows]] -= t_coef[rows]
-    logits.copy_(g)
+    vocab = logits.shape[1]
+    for rb in _ref_row_blocks(logits):
+        # (for fp32 / fp64 logits the sub_ runs on the tile itself, which is overwritten below anyway)
+        g = torch.exp(logits[rb].to(lse.dtype).sub_(lse[rb, None])).mul_(p_coef[rb, None])
+        t = labels[rb] - vocab_start
+        rows = torch.nonzero((t >= 0) & (t < vocab), as_tuple=True)[0]
+        g[rows, t[rows]] -= t_coef[rb][rows]
+        logits[rb] = g
 
 
 _ADDMM_FP32_OK: dict = {}
@@ -138,8 +155,9 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a, b)
     elif _addmm_fp32_supported(acc.device):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:  # product rounded to the operand dtype, one bounded row block at a time
-        step = max(1, _CHUNK_BYTES // max(1, b.shape[1] * a.element_size()))
+    else:  # product rounded to the operand dtype, in row blocks small next to a tile (its fp32
+        # upcast in add_ included), so the CPU path's memory reflects the CUDA path's
+        step = max(1, (TILE_BYTES // 16) // max(1, b.shape[1] * 4))
         for r0 in range(0, a.shape[0], step):
             acc[r0:r0 + step].add_(a[r0:r0 + step] @ b)
 
@@ -175,13 +193,54 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
+_MIN_ACC_CHUNK_ROWS = 2048
+
+
+def _backward_plan(*, vocab, hidden, elem, longest, x_rows, fp32_acc, chunk_size, vocab_chunk_size):
+    """(plan, vocab rows per slice, token rows per chunk) of the backward.
+
+    * ``"direct"``: the weight gradient needs no separate accumulator (fp32 / fp64 weights, or
+      ``main_grad``): token chunks of ``TILE_BYTES`` against the whole shard.
+    * ``"single"``: one chunk per head against the whole shard; the bf16 / fp16 weight gradient sums
+      the heads in its own dtype -- the rounding of megatron's unfused path, where autograd adds the
+      heads' weight gradients -- and needs no fp32 buffer. Picked when that tile is the cheapest.
+    * ``"acc"``: token chunks, one fp32 ``[V/tp, h]`` weight-gradient accumulator.
+    * ``"sliced"``: vocab slices of ``TILE_BYTES`` of fp32 weight-gradient accumulator, each over all
+      heads and tokens, with the hidden gradients summed in fp32 over the slices.
+    Without explicit sizes the cheapest of single / acc / sliced (in bytes of workspace) is used.
+    """
+    if not fp32_acc:
+        vs = min(vocab_chunk_size or vocab, vocab)
+        plan = "direct"
+    elif vocab_chunk_size or chunk_size:
+        vs = min(vocab_chunk_size or vocab, vocab)
+        plan = "sliced" if vs < vocab else "acc"
+    else:
+        slice_rows = min(vocab, max(1, TILE_BYTES // (hidden * 4)))
+        costs = {
+            "single": longest * vocab * elem,
+            "acc": vocab * hidden * 4 + TILE_BYTES,
+            "sliced": x_rows * hidden * 4 + slice_rows * hidden * 4 + TILE_BYTES,
+        }
+        # "acc" re-reads / re-writes the whole fp32 [V/tp, h] accumulator once per token chunk: only
+        # worth it when chunks are long enough for the weight-grad GEMM to stay compute-bound
+        if min(longest, TILE_BYTES // max(1, vocab * elem)) < min(longest, _MIN_ACC_CHUNK_ROWS):
+            del costs["acc"]
+        plan = min(costs, key=costs.get)
+        vs = slice_rows if plan == "sliced" else vocab
+        if plan == "single":
+            return plan, vs, longest
+    chunk = min(chunk_size or max(1, TILE_BYTES // max(1, vs * elem)), longest)
+    return plan, vs, chunk
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Forward: token chunks x full vocab shard -> per-row stats. Backward: tiles of
-    (vocab slice) x (token chunk); the weight gradient of one vocab slice accumulates in fp32 over all
-    heads and tokens, the hidden gradients accumulate in fp32 over the vocab slices."""
+    (vocab slice) x (token chunk) as :func:`_backward_plan` decides."""
 
     @staticmethod
     def forward(ctx, heads: _Heads, weight: torch.Tensor, *hiddens: torch.Tensor):
+        ctx.set_materialize_grads(False)  # a head whose loss is unused costs no backward work
         vocab, h = weight.shape
         vocab_start = heads.rank * vocab
         kern = _kernel(heads, weight)
@@ -245,24 +304,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if not work:
             return (None, None, *grads_h)
 
-        # vocab slice: the fp32 weight-grad accumulator of one slice stays ~256 MiB
-        vs = heads.vocab_chunk_size or (max(1, _CHUNK_BYTES // (h * 4)) if need_w else vocab)
-        vs = min(vs, vocab)
+        main_grad = heads.main_grad
+        fp32_acc = need_w and main_grad is None and acc_dt != weight.dtype
+        plan, vs, chunk = _backward_plan(
+            vocab=vocab, hidden=h, elem=weight.element_size(), longest=max(x.shape[0] for _, x, *_ in work),
+            x_rows=sum(x.shape[0] for _, x, _, _, _, need_x in work if need_x), fp32_acc=fp32_acc,
+            chunk_size=heads.chunk_size, vocab_chunk_size=heads.vocab_chunk_size)
         sliced = vs < vocab
-        longest = max(x.shape[0] for _, x, *_ in work)
-        chunk = min(heads.chunk_size or default_chunk_size(vs, weight.dtype, longest), longest)
         buf = torch.empty(chunk * vs, dtype=weight.dtype, device=weight.device)
 
-        # hidden grads: written by one GEMM per chunk when the vocab is one slice, else fp32 sums
         gx = {k: (torch.zeros if sliced else torch.empty)(x.shape, dtype=acc_dt if sliced else x.dtype,
                                                            device=x.device)
               for k, x, _, _, _, need_x in work if need_x}
-        main_grad = heads.main_grad
-        grad_w = None
-        if need_w and main_grad is None:
-            grad_w = torch.empty_like(weight)
+        grad_w = torch.empty_like(weight) if need_w and main_grad is None else None
         acc_slice = None
-        if need_w and main_grad is None and acc_dt != weight.dtype:
+        if fp32_acc and plan != "single":
             acc_slice = torch.empty(vs * h, dtype=acc_dt, device=weight.device)
 
         for v0 in range(0, vocab, vs):

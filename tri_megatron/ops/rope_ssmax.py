@@ -15,7 +15,9 @@ RoPE matches ``megatron.core.models.common.embeddings.rope_utils.apply_rotary_po
 through). ``freqs`` is what megatron's ``RotaryEmbedding`` returns, ``[s, 1, 1, rot_dim]`` (or
 ``[s, b, 1, rot_dim]``); sbhd token (s, b) uses row s (and b when the second dim is b); thd tokens use
 the row of their position within their document, i.e. megatron's thd path with ``freqs`` of the
-maximum document length (context parallelism is not supported here).
+maximum document length, as megatron's GPTModel builds it for packed sequences (context parallelism
+is not supported here). A token whose document is longer than ``freqs`` raises on CPU and comes out
+NaN from the CUDA kernel (no device sync to check it).
 
 Query factor (q only; k is never scaled), per token position ``pos`` (0-based within its document for
 thd; the sequence index for sbhd; or ``position_ids`` when given, ``[b, s]`` for sbhd / ``[t]`` for
@@ -97,7 +99,7 @@ class _Plan:
 def _rows_reference(plan: _Plan, cu_seqlens, positions, device) -> Tuple[torch.Tensor, torch.Tensor]:
     """(freq-table row, factor position) per token row (row = s * B + b), int64."""
     if cu_seqlens is not None:
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != plan.seq:
+        if cu_seqlens.device.type == "cpu" and (int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != plan.seq):
             raise ValueError(f"cu_seqlens must run from 0 to {plan.seq}, got {cu_seqlens.tolist()}")
         doc_pos = document_positions(cu_seqlens.to(device), plan.seq)
         freq_row = doc_pos
@@ -131,7 +133,8 @@ class _Reference:
         freq_row, pos = _rows_reference(plan, cu_seqlens, positions, device)
         shape = (plan.seq, plan.batch, 1)
         if plan.rotate:
-            if freq_row.numel() and int(freq_row.max()) >= cos.shape[0]:
+            # (checked where it costs no device sync; the kernel writes NaN for such tokens)
+            if freq_row.device.type == "cpu" and freq_row.numel() and int(freq_row.max()) >= cos.shape[0]:
                 raise ValueError(f"freqs has {cos.shape[0]} rows; tokens need {int(freq_row.max()) + 1}")
             self.cos_r = cos.to(cdtype)[freq_row].view(*shape, -1)
             self.sin_r = sin.to(cdtype)[freq_row].view(*shape, -1)
@@ -185,6 +188,7 @@ def _empty_like(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 class _RopeQueryScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, scale, cos, sin, cu_seqlens, positions, plan):
+        ctx.set_materialize_grads(False)  # an unused q or k output costs no backward pass
         thd = plan.thd
         q4, k4 = _as4(q, thd), _as4(k, thd)
         need_ds = scale is not None and ctx.needs_input_grad[2]

@@ -1,0 +1,317 @@
+#!/usr/bin/env python
+"""Benchmark the Tri kernels against the unfused paths they replace.
+
+1. Fused MTP loss (``tri_megatron.ops.fused_mtp_cross_entropy``) vs megatron-core's unfused path,
+   per head: output-layer GEMM (``torch.matmul``, what megatron's
+   ``linear_with_grad_accumulation_and_async_allreduce`` runs at one rank without gradient-accumulation
+   fusion) + ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy``. Tri-21B shapes: hidden
+   5,120, vocab 124,416 split by TP 1/2/4/8 (one rank's shard is benchmarked in one process), 8,192
+   tokens per micro-batch, MTP depth 1 and 2 (1 + D heads sharing the output weight). Megatron's
+   CE runs for real against a one-rank process group (its TP all-reduces are then no-ops on a
+   [tokens] vector, as are the fused op's).
+2. RoPE + query scale (``tri_megatron.ops.apply_rope_and_query_scale``) vs the unfused PyTorch ops:
+   megatron's ``_apply_rotary_pos_emb_bshd`` on q and k, then the query factor multiply
+   (``(q.float() * factor).to(dtype)``), for plain RoPE, RoPE+SSMax, RoPE+temperature and NoPE
+   temperature-only, at Tri-21B attention shapes (32 q / 8 kv heads of dim 160 split by TP).
+
+Every case is timed forward + backward (median of ``--iters`` after ``--warmup``) and its peak memory
+measured above the live inputs (the loss rows also give the ratio without the weight / hidden gradient
+outputs, which both paths produce alike and which dominate at high TP):
+* CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocated bytes before the step (inputs).
+* CPU: there are no allocator statistics, so the peak comes from ``torch.profiler``'s memory timeline
+  (allocator-level alloc / free events, ``export_memory_timeline``), minus the inputs' bytes. On CPU
+  the sizes are divided by ``--scale`` (default 16 on CPU) in every dimension, and the fused op's tile
+  budget by scale^2, so the tiling (chunks per head, vocab slices) is that of the full-size run and the
+  memory *ratio* carries over; CPU times are the PyTorch reference path, not the CUDA kernels.
+
+Targets (H100): fused-loss peak memory <= 1/4 of unfused at no more time; RoPE+SSMax >= 2x faster than
+unfused. Usage: ``python tools/bench_kernels.py [--only loss|rope] [--tp 1 2 4 8] [--mtp 1 2]
+[--scale N] [--iters N] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tri_megatron.ops import fused_cross_entropy as fce  # noqa: E402
+from tri_megatron.ops._kernels import kernels_available  # noqa: E402
+from tri_megatron.ops.rope_ssmax import apply_rope_and_query_scale  # noqa: E402
+
+TRI21B = dict(hidden=5120, vocab=124416, tokens=8192, heads=32, kv_heads=8, head_dim=160)
+
+
+# ----------------------------------------------------------------------------------- measuring -----
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(step, device, iters, warmup) -> float:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_bytes(step, device, inputs) -> int:
+    """Peak memory of one step above the live inputs (see the module docstring for the method)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "mem.json")
+        prof.export_memory_timeline(path, device="cpu")
+        with open(path) as f:
+            _, sizes = json.load(f)
+    peak = max((sum(s) for s in sizes), default=0)
+    return max(0, peak - sum(t.numel() * t.element_size() for t in inputs))
+
+
+# ----------------------------------------------------------------------------------- megatron CE ---
+def _init_single_rank_group(device):
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return dist.new_group([0])
+
+
+def megatron_vocab_parallel_ce(device):
+    """megatron's vocab_parallel_cross_entropy bound to a one-rank TP group (no parallel_state init)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.tensor_parallel import cross_entropy as mce
+    group = _init_single_rank_group(device)
+    mce.get_tensor_model_parallel_group = lambda: group
+    mce.get_tensor_model_parallel_rank = lambda: 0
+    mce.get_tensor_model_parallel_world_size = lambda: 1
+    return mce.vocab_parallel_cross_entropy
+
+
+# ----------------------------------------------------------------------------------- loss bench ----
+def bench_loss(args, device, dtype, scale):
+    vce = megatron_vocab_parallel_ce(device)
+    h, n = TRI21B["hidden"] // scale, TRI21B["tokens"] // scale
+    rows = []
+    saved_tile = fce.TILE_BYTES
+    fce.TILE_BYTES = max(1, saved_tile // (scale * scale))
+    try:
+        for tp in args.tp:
+            v_local = TRI21B["vocab"] // tp // scale
+            for depth in args.mtp:
+                g = torch.Generator(device=device).manual_seed(0)
+                weight = (torch.randn(v_local, h, device=device, generator=g) * 0.02).to(dtype).requires_grad_()
+                hiddens = [torch.randn(n, 1, h, device=device, generator=g).to(dtype).requires_grad_()
+                           for _ in range(1 + depth)]
+                labels = [torch.randint(0, v_local, (1, n), device=device, generator=g)
+                          for _ in range(1 + depth)]
+                inputs = [weight, *hiddens, *labels]
+
+                def clear():
+                    for t in (weight, *hiddens):
+                        t.grad = None
+
+                def unfused():
+                    clear()
+                    total = 0
+                    for x, lab in zip(hiddens, labels):
+                        logits = torch.matmul(x, weight.t())  # [s, b, V/tp], input dtype
+                        total = total + vce(logits, lab.t().contiguous()).sum()
+                    total.backward()
+
+                def fused():
+                    clear()
+                    losses = fce.fused_mtp_cross_entropy(hiddens, weight, labels)
+                    sum(l.sum() for l in losses).backward()
+
+                plan = fce._backward_plan(vocab=v_local, hidden=h, elem=weight.element_size(), longest=n,
+                                          x_rows=n * (1 + depth), fp32_acc=dtype != torch.float32,
+                                          chunk_size=None, vocab_chunk_size=None)[0]
+                row = dict(bench="mtp_loss", tp=tp, mtp_depth=depth, tokens=n, hidden=h, vocab_local=v_local,
+                           dtype=str(dtype).replace("torch.", ""), backward_plan=plan)
+                for name, step in (("unfused", unfused), ("fused", fused)):
+                    row[f"{name}_ms"] = time_ms(step, device, args.iters, args.warmup)
+                    row[f"{name}_peak_mib"] = peak_bytes(step, device, inputs) / 2**20
+                    clear()
+                # the gradients (weight + hidden) are the same outputs in both paths; at high TP they
+                # are most of the fused peak, so report the peak without them as well
+                grads_mib = sum(t.numel() * t.element_size() for t in (weight, *hiddens)) / 2**20
+                row["grads_mib"] = grads_mib
+                row["time_ratio"] = row["fused_ms"] / row["unfused_ms"]
+                row["mem_ratio"] = row["fused_peak_mib"] / max(row["unfused_peak_mib"], 1e-9)
+                row["mem_ratio_wo_grads"] = (max(row["fused_peak_mib"] - grads_mib, 0.0)
+                                             / max(row["unfused_peak_mib"] - grads_mib, 1e-9))
+                rows.append(row)
+                print(f"loss  tp={tp} D={depth} [{plan:6s}] unfused {row['unfused_ms']:9.2f} ms "
+                      f"{row['unfused_peak_mib']:10.1f} MiB | fused {row['fused_ms']:9.2f} ms "
+                      f"{row['fused_peak_mib']:10.1f} MiB | time x{row['time_ratio']:.2f} "
+                      f"mem x{row['mem_ratio']:.3f} (w/o the {grads_mib:.1f} MiB of grads "
+                      f"x{row['mem_ratio_wo_grads']:.3f})", flush=True)
+                del weight, hiddens, labels, inputs
+    finally:
+        fce.TILE_BYTES = saved_tile
+    return rows
+
+
+# ----------------------------------------------------------------------------------- rope bench ----
+def _megatron_rope():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    return _apply_rotary_pos_emb_bshd
+
+
+def bench_rope(args, device, dtype, scale):
+    rope = _megatron_rope()
+    s_len = TRI21B["tokens"] // scale
+    d = TRI21B["head_dim"]
+    rows = []
+    for tp in args.tp:
+        hq, hk = TRI21B["heads"] // tp, TRI21B["kv_heads"] // tp
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(s_len, 1, hq, d, device=device, generator=g).to(dtype).requires_grad_()
+        k = torch.randn(s_len, 1, hk, d, device=device, generator=g).to(dtype).requires_grad_()
+        s = (torch.rand(hq, device=device, generator=g) * 0.2 + 0.1).requires_grad_()
+        inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+        ang = torch.outer(torch.arange(s_len, device=device, dtype=torch.float32), inv)
+        freqs = torch.cat([ang, ang], dim=-1)[:, None, None, :]
+        pos = torch.arange(s_len, device=device)
+        gq, gk = torch.randn_like(q), torch.randn_like(k)
+        floor_scale, attn_scale = 8192.0 / scale, 0.1
+
+        def factor(mode):
+            if mode == "ssmax":
+                return torch.log1p(pos.float())[:, None] * s[None, :]
+            return (torch.log(torch.floor((pos.float() + 1.0) / floor_scale) + 1.0) * attn_scale + 1.0)[:, None]
+
+        def unfused(mode, rotate):
+            def step():
+                for t in (q, k, s):
+                    t.grad = None
+                qo, ko = (rope(q, freqs), rope(k, freqs)) if rotate else (q, k)
+                if mode != "none":
+                    qo = (qo.float() * factor(mode)[:, None, :, None]).to(dtype)
+                outs, grads = [qo], [gq]
+                if rotate:
+                    outs.append(ko)
+                    grads.append(gk)
+                torch.autograd.backward(outs, grads)
+            return step
+
+        def fused(mode, rotate):
+            def step():
+                for t in (q, k, s):
+                    t.grad = None
+                qo, ko = apply_rope_and_query_scale(q, k, freqs if rotate else None, apply_rope=rotate,
+                                                    mode=mode, ssmax_scale=s, floor_scale=floor_scale,
+                                                    attn_scale=attn_scale)
+                outs, grads = [qo], [gq]
+                if rotate:
+                    outs.append(ko)
+                    grads.append(gk)
+                torch.autograd.backward(outs, grads)
+            return step
+
+        for label, mode, rotate in (("rope", "none", True), ("rope+ssmax", "ssmax", True),
+                                    ("rope+temperature", "temperature", True),
+                                    ("nope+temperature", "temperature", False)):
+            row = dict(bench="rope", case=label, tp=tp, tokens=s_len, q_heads=hq, kv_heads=hk, head_dim=d,
+                       dtype=str(dtype).replace("torch.", ""))
+            for name, step in (("unfused", unfused(mode, rotate)), ("fused", fused(mode, rotate))):
+                row[f"{name}_ms"] = time_ms(step, device, args.iters, args.warmup)
+                row[f"{name}_peak_mib"] = peak_bytes(step, device, [q, k, s, freqs, gq, gk]) / 2**20
+            row["speedup"] = row["unfused_ms"] / row["fused_ms"]
+            row["mem_ratio"] = row["fused_peak_mib"] / max(row["unfused_peak_mib"], 1e-9)
+            rows.append(row)
+            print(f"rope  tp={tp} {label:17s} unfused {row['unfused_ms']:8.3f} ms "
+                  f"{row['unfused_peak_mib']:8.1f} MiB | fused {row['fused_ms']:8.3f} ms "
+                  f"{row['fused_peak_mib']:8.1f} MiB | speedup x{row['speedup']:.2f}", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------- main ----------
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", choices=["loss", "rope"], default=None)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--mtp", type=int, nargs="+", default=[1, 2], help="MTP depths D (1 + D heads)")
+    p.add_argument("--scale", type=int, default=None,
+                   help="divide every size by this (default 1 on CUDA, 16 on CPU)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--json", default=None, help="write all rows to this JSON file")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    on_gpu = device.type == "cuda"
+    scale = args.scale or (1 if on_gpu else 16)
+    args.iters = args.iters or (10 if on_gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    info = dict(device=torch.cuda.get_device_name(device) if on_gpu else "cpu", torch=torch.__version__,
+                kernels=kernels_available() if on_gpu else False, scale=scale,
+                memory_method="cuda.max_memory_allocated" if on_gpu else "profiler memory timeline")
+    print("bench_kernels:", json.dumps(info), flush=True)
+    if not on_gpu:
+        print("CPU run: sizes / %d per dimension, reference (PyTorch) path; memory ratios carry over, "
+              "times do not reflect the CUDA kernels." % scale, flush=True)
+    rows = []
+    if args.only in (None, "loss"):
+        rows += bench_loss(args, device, dtype, scale)
+    if args.only in (None, "rope"):
+        rows += bench_rope(args, device, dtype, scale)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(info=info, rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
