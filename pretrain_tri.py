@@ -10,7 +10,11 @@ arguments -> validation (exit 2, nothing written) -> distributed init (gloo on C
 from __future__ import annotations
 
 import sys
+import warnings
 
+# megatron-core warns at import about optional fused kernels (TE/apex) it can do without.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
+warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 from tri_megatron.arguments import ArgumentError, parse_args, validate_args, world_size_from_env
 
 

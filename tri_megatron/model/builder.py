@@ -9,6 +9,7 @@ from __future__ import annotations
 from megatron.core import parallel_state
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import Float16Module
 
 from tri_megatron.model.config import padded_vocab_size
 from tri_megatron.model.specs import tri_layer_spec, tri_mtp_block_spec
@@ -43,5 +44,7 @@ def build_model_chunks(config, args, use_te: bool) -> list:
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         model = build_gpt_model(config, args, use_te, pre, post, vp_stage=stage)
         model.model_type = ModelType.encoder_or_decoder
+        if args.bf16:  # bf16 weights and activations, fp32 logits/loss, as Megatron-LM does
+            model = Float16Module(config, model)
         chunks.append(model)
     return chunks

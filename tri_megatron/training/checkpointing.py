@@ -78,8 +78,10 @@ def check_compatible(path: str, args) -> None:
 
 
 def _unwrap(m):
-    """The GPTModel inside megatron-core's DDP wrapper."""
-    return getattr(m, "module", m)
+    """The GPTModel inside megatron-core's DDP (and bf16 Float16Module) wrappers."""
+    while hasattr(m, "module"):
+        m = m.module
+    return m
 
 
 def _model_sharded_state_dict(model: list) -> dict:
