@@ -15,6 +15,7 @@ FEATURES = {
     "base": [],
     "mtp": ["--mtp-num-layers", "1"],
     "ssmax_irope": ["--ssmax", "--no-rope-freq", "4"],
+    "mtp2": ["--mtp-num-layers", "2"],
     "tri70b_style": ["--no-rope-freq", "4", "--window-size", "16", "--window-attn-skip-freq", "4",
                      "--attn-temperature-tuning", "--attn-floor-scale", "8", "--attn-scale", "0.5"],
 }
@@ -68,3 +69,20 @@ def test_layout_matches_single_process(references, feature, layout):
             assert abs(r["mtp_loss"] - g["mtp_loss"]) <= 1e-5
     # the run really learned something: weights moved between iterations
     assert len({round(r["lm_loss"], 6) for r in got}) > 1
+
+
+FUSED_LAYOUTS = {"single": (1, []), "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+                 "pp2": (2, ["--pipeline-model-parallel-size", "2"])}
+
+
+@pytest.mark.parametrize("layout", sorted(FUSED_LAYOUTS))
+def test_fused_mtp_loss_matches_unfused_path(references, layout):
+    """--fused-mtp-loss (main + 2 MTP heads in one chunked op) gives the stock output-layer + CE losses."""
+    init, flags, ref, root = references("mtp2")
+    nproc, layout_flags = FUSED_LAYOUTS[layout]
+    got = train(nproc, [*flags, *layout_flags, "--fused-mtp-loss", "--train-iters", "3", "--load", init],
+                str(root / f"fused-{layout}.jsonl"))
+    for r, g in zip(ref, got):
+        assert abs(r["lm_loss"] - g["lm_loss"]) <= 1e-5
+        assert abs(r["mtp_loss"] - g["mtp_loss"]) <= 1e-5
+        assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4, abs=1e-6)

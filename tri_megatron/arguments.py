@@ -127,6 +127,10 @@ def _add_data_pipeline_args(parser: argparse.ArgumentParser) -> None:
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     preset = get_preset(args.model)
+    if args.vocab_size is None and getattr(args, "tokenizer", None):
+        from tri_megatron.data.provider import data_vocab_size
+
+        args.vocab_size = data_vocab_size(args)  # the model's vocabulary follows the tokenizer
     for field in _ARCH_FIELDS:
         if field == "seq_length":
             continue
@@ -214,6 +218,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         )
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron: meaningless without TP
+    if args.sequence_parallel:
+        from tri_megatron.model.specs import use_transformer_engine
+
+        if not use_transformer_engine(args.transformer_impl):
+            raise ArgumentError(
+                "--sequence-parallel needs Transformer Engine's norms (megatron-core's torch norm refuses it); "
+                "install transformer-engine[pytorch] or drop --sequence-parallel"
+            )
     if args.seq_length % (tp if args.sequence_parallel else 1) or args.seq_length % (2 * cp if cp > 1 else 1):
         raise ArgumentError(
             f"--seq-length {args.seq_length} must be divisible by TP (with --sequence-parallel) and by 2 x CP; adjust it"

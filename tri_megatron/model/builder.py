@@ -12,13 +12,27 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import Float16Module
 
 from tri_megatron.model.config import padded_vocab_size
+from tri_megatron.model.fused_loss import FusedLossGPTModel
 from tri_megatron.model.specs import tri_layer_spec, tri_mtp_block_spec
+
+
+def use_fused_loss(args) -> bool:
+    """--fused-mtp-loss: on by default where the CUDA kernel is built, off otherwise (the PyTorch
+    reference of the fused op can still be asked for explicitly, e.g. on CPU)."""
+    if args.fused_mtp_loss is not None:
+        return bool(args.fused_mtp_loss)
+    import torch
+
+    from tri_megatron.ops import kernels_available
+
+    return torch.cuda.is_available() and kernels_available()
 
 
 def build_gpt_model(config, args, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None) -> GPTModel:
     layer_spec = tri_layer_spec(config, use_te)
     mtp_spec = tri_mtp_block_spec(config, layer_spec, use_te, vp_stage=vp_stage) if post_process else None
-    return GPTModel(
+    model_cls = FusedLossGPTModel if use_fused_loss(args) else GPTModel
+    return model_cls(
         config=config,
         transformer_layer_spec=layer_spec,
         vocab_size=padded_vocab_size(args.vocab_size, args.tensor_model_parallel_size),

@@ -1,0 +1,84 @@
+"""GPTModel whose training loss (main head + D MTP heads) runs through the fused chunked
+softmax cross-entropy in ``tri_megatron.ops`` instead of output layer + vocab-parallel CE per head.
+
+Only the loss computation changes: with labels and in training/eval with a loss, the hidden states
+of all heads go through one ``fused_mtp_cross_entropy`` call against the shared output weight, so
+no full-vocabulary logits are stored. MTP losses are logged and scaled exactly as megatron-core
+does (``MTPLossLoggingHelper``, ``mtp_loss_scaling_factor / D`` per head divided by the tokens of
+the micro-batch) and reach the backward pass through ``MTPLossAutoScaler`` attached to the main
+loss. Without labels (inference, logits wanted) the stock path runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.multi_token_prediction import (
+    MTPLossAutoScaler,
+    MTPLossLoggingHelper,
+    roll_tensor,
+)
+
+from tri_megatron.ops.fused_cross_entropy import fused_mtp_cross_entropy
+
+
+class FusedLossGPTModel(GPTModel):
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos,
+                     rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None, decoder_input=None,
+                     attention_mask=None, inference_params=None, packed_seq_params=None,
+                     sequence_len_offset=None, runtime_gather_output=None, extra_block_kwargs=None,
+                     inference_context=None):
+        if labels is None or inference_context is not None or not self.post_process:
+            return super()._postprocess(
+                hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
+                mtp_in_postprocess=mtp_in_postprocess, loss_mask=loss_mask, decoder_input=decoder_input,
+                attention_mask=attention_mask, inference_params=inference_params,
+                packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
+                runtime_gather_output=runtime_gather_output, extra_block_kwargs=extra_block_kwargs,
+                inference_context=inference_context)
+
+        if mtp_in_postprocess:
+            hidden_states = self.mtp(
+                input_ids=input_ids, position_ids=position_ids, hidden_states=hidden_states,
+                attention_mask=attention_mask, inference_params=inference_params, rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin, packed_seq_params=packed_seq_params,
+                sequence_len_offset=sequence_len_offset, embedding=self.embedding, **(extra_block_kwargs or {}))
+
+        weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
+                  else self.output_layer.weight)
+        depth = self.config.mtp_num_layers or 0
+        heads = torch.chunk(hidden_states, 1 + depth, dim=0)
+        if loss_mask is None:
+            loss_mask = torch.ones_like(labels, dtype=torch.float)
+        labels_list, masks, token_counts = [labels], [loss_mask], []
+        mtp_labels, mtp_mask = labels, loss_mask
+        for _ in range(depth):  # head i predicts the token i+1 further: roll labels and mask as megatron
+            mtp_labels, _ = roll_tensor(mtp_labels, shifts=-1, dims=-1, cp_group=self.cp_group,
+                                        packed_seq_params=packed_seq_params)
+            mtp_mask, num_tokens = roll_tensor(mtp_mask, shifts=-1, dims=-1, cp_group=self.cp_group,
+                                               packed_seq_params=packed_seq_params)
+            labels_list.append(mtp_labels)
+            masks.append(mtp_mask)
+            token_counts.append(num_tokens)
+
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        if self.config.sequence_parallel:
+            heads = [tensor_parallel.gather_from_sequence_parallel_region(h) for h in heads]
+        else:
+            heads = [tensor_parallel.copy_to_tensor_model_parallel_region(h) for h in heads]
+        losses = fused_mtp_cross_entropy(list(heads), weight, labels_list, loss_masks=masks, tp_group=tp_group)
+
+        main_loss = losses[0]
+        for i in range(depth):
+            mtp_loss = masks[i + 1] * losses[i + 1]
+            if self.training:
+                MTPLossLoggingHelper.save_loss_to_tracker(
+                    torch.sum(mtp_loss) / token_counts[i], i, depth,
+                    avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+            scale = self.config.mtp_loss_scaling_factor / depth
+            if self.config.calculate_per_token_loss:
+                main_loss = MTPLossAutoScaler.apply(main_loss, scale * mtp_loss)
+            else:
+                main_loss = MTPLossAutoScaler.apply(main_loss, scale * mtp_loss / token_counts[i])
+        return main_loss
