@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tri_megatron.presets import PRESETS, preset_parameters
-from tri_megatron.model.query_scaling import QueryScaling, positions_in_document
+from tri_megatron.model.query_scaling import QueryScaling
+from tri_megatron.ops import apply_rope_and_query_scale
 
 
 @pytest.mark.parametrize("name", ["tri-7b", "tri-21b", "tri-70b"])
@@ -48,9 +49,12 @@ def test_temperature_tuning_matches_llama4_formula():
         assert out[pos, 0, 0, 0].item() == pytest.approx(factor)
 
 
-def test_positions_restart_in_each_document():
+def test_ssmax_positions_restart_in_each_packed_document():
+    qs = QueryScaling("ssmax", 1, ssmax_init=1.0)
     cu = torch.tensor([0, 3, 7, 9], dtype=torch.int32)
-    assert positions_in_document(9, "cpu", cu).tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1]
+    out = qs(torch.ones(9, 1, 1), cu)  # thd layout
+    positions = [0, 1, 2, 0, 1, 2, 3, 0, 1]
+    torch.testing.assert_close(out[:, 0, 0], torch.tensor([math.log(p + 1) for p in positions]))
 
 
 def test_exact_parameter_count_of_built_model(megatron_single_process):
@@ -90,3 +94,40 @@ def test_sdpa_core_attention_matches_naive_windowed_gqa(megatron_single_process)
     # layer 4 is a full-attention (NoPE) layer
     full = SDPACoreAttention(cfg, layer_number=4, attn_mask_type=AttnMaskType.causal, attention_type="self")
     assert full.window is None and attn.window == (2, 0)
+
+
+@pytest.mark.parametrize("features", [[], ["--ssmax", "--no-rope-freq", "4"],
+                                      ["--no-rope-freq", "4", "--attn-temperature-tuning", "--attn-floor-scale", "4"]],
+                         ids=["rope", "ssmax_irope", "temperature"])
+def test_fused_rope_path_matches_megatron_rope(megatron_single_process, features):
+    """Core attention doing RoPE + scaling in one op gives the logits of megatron's own RoPE followed
+    by the scaling alone; gradients too."""
+    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.model.builder import build_model_chunks
+    from tri_megatron.model.config import transformer_config_from_args
+
+    args = parse_args(["--mock-data", "--seq-length", "32", *features])
+    validate_args(args, 1)
+    model = build_model_chunks(transformer_config_from_args(args, False), args, False)[0]
+    cores = [m for m in model.modules() if hasattr(m, "fuse_rope")]
+    assert cores
+    tokens = torch.randint(0, args.vocab_size, (2, 32))
+    pos = torch.arange(32).expand(2, -1)
+
+    def run(fused: bool):
+        for c in cores:
+            c.fuse_rope = fused
+            if not fused:  # megatron rotates q, k; then only the query factor
+                c._rope_and_scale = (lambda q, k, p, c=c: (c.query_scaling(q) if c.query_scaling is not None else q, k))
+            elif "_rope_and_scale" in c.__dict__:
+                del c._rope_and_scale
+        model.zero_grad()
+        logits = model(tokens, pos, None)
+        logits.float().pow(2).mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref_logits, ref_grads = run(False)
+    got_logits, got_grads = run(True)
+    torch.testing.assert_close(got_logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

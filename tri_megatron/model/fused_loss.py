@@ -67,7 +67,8 @@ class FusedLossGPTModel(GPTModel):
             heads = [tensor_parallel.gather_from_sequence_parallel_region(h) for h in heads]
         else:
             heads = [tensor_parallel.copy_to_tensor_model_parallel_region(h) for h in heads]
-        losses = fused_mtp_cross_entropy(list(heads), weight, labels_list, loss_masks=masks, tp_group=tp_group)
+        losses = fused_mtp_cross_entropy(list(heads), weight, labels_list, loss_masks=masks, tp_group=tp_group,
+                                         accumulate_into_main_grad=self.config.gradient_accumulation_fusion)
 
         main_loss = losses[0]
         for i in range(depth):

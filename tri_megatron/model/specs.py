@@ -16,7 +16,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_mtp_block_spec,
 )
 
-from tri_megatron.model.attention import SDPACoreAttention, te_core_attention_with_query_scaling
+from tri_megatron.model.attention import SDPACoreAttention, TriSelfAttention, te_core_attention_with_query_scaling
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,9 +44,11 @@ def tri_layer_spec(config, use_te: bool):
         spec = get_gpt_layer_with_transformer_engine_spec()
         if getattr(config, "ssmax", False) or getattr(config, "attn_temperature_tuning", False):
             spec = copy.deepcopy(spec)
+            spec.submodules.self_attention.module = TriSelfAttention
             spec.submodules.self_attention.submodules.core_attention = te_core_attention_with_query_scaling()
         return spec
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.self_attention.module = TriSelfAttention
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec
 
