@@ -35,7 +35,8 @@ def check_before_start(argv=None):
             try:
                 check_compatible(find_latest_checkpoint(args.load), args)
             except ValueError as e:
-                raise ArgumentError(str(e)) from None
+                hint = " (found in --save: auto-resume; use a new --save directory to start afresh)"
+                raise ArgumentError(str(e) + (hint if args.auto_resume else "")) from None
     except ArgumentError as e:
         print(f"pretrain_tri.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -60,10 +61,14 @@ def main(argv=None) -> list:
     args = check_before_start(argv)
     from megatron.core import parallel_state
 
-    from tri_megatron.training.distributed import destroy_distributed, init_distributed
+    from tri_megatron.convert.export_hook import make_on_save
+    from tri_megatron.training import fault
+    from tri_megatron.training.distributed import destroy_distributed, init_distributed, launch_env
     from tri_megatron.training.loop import Trainer
     from tri_megatron.training.metrics import MetricsLogger
 
+    # early, so a preemption notice that arrives while the model is built or loaded is not lost
+    fault.install_exit_signal_handler(args, rank=launch_env()["rank"])
     env = init_distributed(args)
     try:
         data = build_data(args, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
@@ -74,12 +79,19 @@ def main(argv=None) -> list:
                   f"PP={args.pipeline_model_parallel_size} VPP={args.virtual_pipeline_model_parallel_size or 1} "
                   f"CP={args.context_parallel_size} DP={args.data_parallel_size} | "
                   f"{'Transformer Engine' if trainer.use_te else 'local (torch SDPA)'} layers | "
-                  f"starting at iteration {trainer.iteration}", flush=True)
-        history = trainer.train(data, logger)
+                  f"starting at iteration {trainer.iteration}"
+                  + (f" (auto-resumed from --save {args.save})" if args.auto_resume else ""), flush=True)
+        history = trainer.train(data, logger, on_save=make_on_save(args, env["rank"]))
         logger.close()
-        return history
     finally:
         destroy_distributed()
+    reason = trainer.exit_reason[0] if trainer.exit_reason else None
+    if reason == "nonfinite":
+        sys.exit(fault.EXIT_NONFINITE)
+    if (args.slurm_requeue and env["rank"] == 0 and reason in ("signal", "duration")
+            and trainer.iteration < args.train_iters):
+        fault.requeue_slurm_job()  # last: SLURM ends this job's processes as it requeues it
+    return history
 
 
 if __name__ == "__main__":

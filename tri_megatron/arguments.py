@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
 from tri_megatron.presets import PRESETS, Preset, get_preset
 
@@ -112,7 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="dense bf16 peak of one device for MFU (default: detected; 989 for H100)")
 
+    g = p.add_argument_group("fault tolerance (tri_megatron.training.fault)")
+    g.add_argument("--exit-signals", default="SIGTERM,SIGUSR1", metavar="SIG[,SIG...]",
+                   help="on any of these signals (on any rank) finish the current iteration, save and exit 0; "
+                        "'none' to keep the default actions (default: %(default)s)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit 0 once this many minutes have passed since the process started")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit 0 when the iteration is a multiple of N")
+    g.add_argument("--slurm-requeue", action="store_true",
+                   help="after saving on an exit signal or --exit-duration-in-mins, rank 0 runs "
+                        "`scontrol requeue $SLURM_JOB_ID`; the requeued job resumes from --save")
+    g.add_argument("--on-nonfinite", choices=["skip", "stop"], default="skip",
+                   help="a NaN/inf loss or gradient: skip the update (default) or stop the run (exit 3, no save)")
+    g.add_argument("--max-nonfinite-skips", type=int, default=10,
+                   help="stop (exit 3) after this many consecutive skipped non-finite steps; 0 = never")
+    g.add_argument("--inject-nan-at-iter", type=int, nargs="+", default=[], metavar="ITER",
+                   help="test hook: make the loss (and so every gradient) NaN at these iterations")
+
     _add_data_pipeline_args(p)
+    from tri_megatron.convert.export_hook import add_export_args
+
+    add_export_args(p)
     return p
 
 
@@ -152,10 +172,9 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
 
 def world_size_from_env() -> int:
     """World size before torch.distributed exists: torchrun's or SLURM's variables, else 1."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 1
+    from tri_megatron.training.distributed import launch_env
+
+    return launch_env()["world_size"]
 
 
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
@@ -265,15 +284,34 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ArgumentError("query scaling (--ssmax / --attn-temperature-tuning) is not supported with --context-parallel-size > 1 yet")
     if not args.mock_data and not getattr(args, "data_path", None):
         raise ArgumentError("no training data: pass --data-path PREFIX... (see tools/preprocess_data.py) or --mock-data")
-    if args.load is not None:
-        from tri_megatron.training.checkpointing import find_latest_checkpoint
+    from tri_megatron.training.checkpointing import find_latest_checkpoint
 
+    # Auto-resume: a --save directory that holds a complete checkpoint is loaded when --load is not
+    # given, so a preempted or requeued job restarts with the same command line.
+    args.auto_resume = args.load is None and bool(args.save) and find_latest_checkpoint(args.save) is not None
+    if args.auto_resume:
+        args.load = args.save
+    if args.load is not None:
         if find_latest_checkpoint(args.load) is None:
             raise ArgumentError(f"--load {args.load}: no complete checkpoint there; check the path or drop --load")
     if args.save_interval and not args.save:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.log_interval < 1:
         raise ArgumentError("--log-interval must be >= 1")
+    from tri_megatron.training.fault import parse_signals
+
+    try:
+        parse_signals(args.exit_signals)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    if args.exit_interval is not None and args.exit_interval < 1:
+        raise ArgumentError(f"--exit-interval {args.exit_interval}: must be >= 1")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        raise ArgumentError(f"--exit-duration-in-mins {args.exit_duration_in_mins}: must be > 0")
+    if args.slurm_requeue and not args.save:
+        raise ArgumentError("--slurm-requeue needs --save DIR: the requeued job resumes from it")
+    if args.max_nonfinite_skips < 0:
+        raise ArgumentError(f"--max-nonfinite-skips {args.max_nonfinite_skips}: must be >= 0 (0 = never stop)")
     if getattr(args, "data_path", None):
         from tri_megatron.data.provider import validate_data_args
 
@@ -281,6 +319,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             validate_data_args(args)
         except ValueError as e:
             raise ArgumentError(str(e)) from None
+    from tri_megatron.convert.export_hook import validate_export_args
+
+    try:
+        validate_export_args(args)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:

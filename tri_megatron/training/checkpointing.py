@@ -26,6 +26,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
+from tri_megatron.training import fault
+
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "tri_meta.json"
 # Architecture fields that must match for a checkpoint to load into a model.
@@ -182,6 +184,7 @@ def save_checkpoint(root: str, iteration: int, model: list, optimizer, scheduler
     dist_checkpointing.save(state, tmp)
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
+    fault.hook_pause_in_save(tmp, iteration, rank)  # test hook TRI_TEST_PAUSE_IN_SAVE (tests/test_fault.py)
     dist.barrier()
     if rank == 0:
         model_meta = {f: getattr(args, f, None) for f in SHAPE_FIELDS}

@@ -8,6 +8,7 @@ when VPP > 1, or no pipelining) and the optimizer; ``train`` loops, logs, evalua
 from __future__ import annotations
 
 import math
+import os
 import time
 from functools import partial
 
@@ -20,7 +21,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 from tri_megatron.model.builder import build_model_chunks
 from tri_megatron.model.config import transformer_config_from_args
 from tri_megatron.model.specs import use_transformer_engine
-from tri_megatron.training import checkpointing
+from tri_megatron.training import checkpointing, fault
 from tri_megatron.training.flops import detect_peak_tflops, hardware_flops_per_iteration, model_flops_per_iteration
 from tri_megatron.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 
@@ -35,9 +36,16 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, args)
         self.iteration = 0
         self.consumed_samples = 0
+        self.last_saved_iteration = None  # no need to save again what --save already holds
         if args.load:
             self.iteration, self.consumed_samples = checkpointing.load_checkpoint(
                 args.load, self.model, self.optimizer, self.scheduler, args)
+            if args.save and os.path.realpath(args.load) == os.path.realpath(args.save):
+                self.last_saved_iteration = self.iteration
+        self.exit_conditions = fault.ExitConditions(args)
+        self.nonfinite_policy = fault.NonfinitePolicy(args)
+        self.exit_reason = None  # (reason, detail) when the run stopped before --train-iters
+        self._poison = False  # test hook --inject-nan-at-iter
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
         self.peak_tflops = args.peak_tflops or detect_peak_tflops()
         self.world_size = dist.get_world_size()
@@ -55,6 +63,8 @@ class Trainer:
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None,
                        labels=batch["labels"], loss_mask=batch["loss_mask"])
+        if self._poison:
+            output = output * float("nan")
         return output, partial(self._loss_func, batch["loss_mask"])
 
     def _iterators(self, make):
@@ -72,17 +82,21 @@ class Trainer:
             forward_only=forward_only,
         )
 
-    def _reduce_losses(self, losses_reduced: list) -> tuple:
-        """(lm_loss, mtp_loss) averaged over the global batch, known on every rank."""
+    def _reduce_losses(self, losses_reduced: list, nonfinite_grads: float = 0.0) -> tuple:
+        """(lm_loss, mtp_loss, nonfinite_grads) over the global batch, known on every rank.
+
+        nonfinite_grads (this rank's count of gradient tensors holding NaN/inf) rides along in the
+        same all-reduce and comes back summed over all ranks."""
         depth = self.args.mtp_num_layers or 0
-        vec = torch.zeros(3 + depth, dtype=torch.float64)
+        vec = torch.zeros(4 + depth, dtype=torch.float64)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for item in losses_reduced:
                 vec[:2] += item["lm loss"].double().cpu()
             tracker = MTPLossLoggingHelper.tracker
             if depth and "values" in tracker:
                 vec[2:2 + depth] = tracker["values"].double().cpu() / self.num_microbatches
-                vec[-1] = 1.0
+                vec[2 + depth] = 1.0
+        vec[3 + depth] = nonfinite_grads
         if depth and "values" in MTPLossLoggingHelper.tracker:
             MTPLossLoggingHelper.clean_loss_in_tracker()
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,20 +104,31 @@ class Trainer:
         dist.all_reduce(vec)
         vec = vec.cpu()
         lm = (vec[0] / vec[1]).item() if vec[1] > 0 else float("nan")
-        mtp = (vec[2:2 + depth].mean() / vec[-1]).item() if depth and vec[-1] > 0 else None
-        return lm, mtp
+        mtp = (vec[2:2 + depth].mean() / vec[2 + depth]).item() if depth and vec[2 + depth] > 0 else None
+        return lm, mtp, vec[3 + depth].item()
 
     def train_step(self, data_iterator) -> dict:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
+        self._poison = self.iteration + 1 in (getattr(self.args, "inject_nan_at_iter", None) or ())
         losses = self._run_schedule(data_iterator, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
-        lm_loss, mtp_loss = self._reduce_losses(losses)
+        self._poison = False
+        # NaN/inf in the loss or any gradient is found before the optimizer step, agreed by all ranks
+        # (the loss all-reduce carries the count), and the update is then not applied at all.
+        lm_loss, mtp_loss, bad_grads = self._reduce_losses(losses, fault.count_nonfinite_grads(self.model))
+        nonfinite = fault.nonfinite_fields(lm_loss, mtp_loss, bad_grads)
+        if nonfinite:
+            ok, grad_norm = False, None
+        else:
+            ok, grad_norm, _ = self.optimizer.step()
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                nonfinite = ["grad_norm"]  # finite gradients whose norm overflowed fp32: reported, already applied
         if ok:
             self.scheduler.step(increment=self.args.global_batch_size)
         return {"lm_loss": lm_loss, "mtp_loss": mtp_loss,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok}
+                "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok,
+                "nonfinite": nonfinite}
 
     @torch.no_grad()
     def evaluate(self, data) -> dict:
@@ -115,7 +140,7 @@ class Trainer:
             it = self._iterators(lambda: data.valid_iterator(domain))
             for _ in range(self.args.eval_iters):
                 losses = self._run_schedule(it, forward_only=True)
-                lm, _ = self._reduce_losses(losses)
+                lm, _, _ = self._reduce_losses(losses)
                 if not math.isnan(lm):
                     total, count = total + lm, count + 1
             results[domain] = total / max(count, 1)
@@ -160,22 +185,48 @@ class Trainer:
                 "consumed_samples": self.consumed_samples,
                 "skipped": out["skipped"],
             }
+            if out["nonfinite"]:
+                record["nonfinite"] = out["nonfinite"]
             if torch.cuda.is_available():
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             history.append(record)
             logger.iteration(record, console=self.iteration % args.log_interval == 0)
+            fault.hook_iteration_sleep()
+            if out["nonfinite"]:
+                action = self.nonfinite_policy.observe(out["nonfinite"])
+                self._say(f"iteration {self.iteration}: non-finite {', '.join(out['nonfinite'])} "
+                          f"(lm_loss={out['lm_loss']}, grad_norm={out['grad_norm']}); "
+                          + ("update skipped" if out["skipped"] else "update applied (the gradients were finite)")
+                          + ("; stopping (--on-nonfinite stop / --max-nonfinite-skips), no checkpoint written"
+                             if action == "stop" else ""))
+                if action == "stop":
+                    self.exit_reason = ("nonfinite", f"non-finite {', '.join(out['nonfinite'])} at iteration "
+                                                     f"{self.iteration}")
+                    return history
+            else:
+                self.nonfinite_policy.observe([])
             if args.eval_interval and self.iteration % args.eval_interval == 0:
                 logger.eval(self.iteration, self.evaluate(data))
-            if args.save and args.save_interval and self.iteration % args.save_interval == 0:
-                self.save()
-                if on_save:
-                    on_save(self.iteration)
-        if args.save and (not args.save_interval or self.iteration % args.save_interval != 0):
-            self.save()
-            if on_save:
-                on_save(self.iteration)
+            stop = self.exit_conditions.check(self.iteration)
+            if args.save and ((args.save_interval and self.iteration % args.save_interval == 0) or stop):
+                self.save(on_save)
+            if stop:
+                self.exit_reason = stop
+                self._say(f"stopping after iteration {self.iteration}: {stop[1]}"
+                          + (f"; checkpoint saved to {args.save}" if args.save else "; no --save, nothing saved"))
+                return history
+        if args.save and self.iteration != self.last_saved_iteration:
+            self.save(on_save)
         return history
 
-    def save(self) -> str:
-        return checkpointing.save_checkpoint(self.args.save, self.iteration, self.model, self.optimizer,
+    def _say(self, text: str) -> None:
+        if dist.get_rank() == 0:
+            print(f"tri_megatron: {text}", flush=True)
+
+    def save(self, on_save=None) -> str:
+        path = checkpointing.save_checkpoint(self.args.save, self.iteration, self.model, self.optimizer,
                                              self.scheduler, self.consumed_samples, self.args)
+        self.last_saved_iteration = self.iteration
+        if on_save:
+            on_save(self.iteration, path)
+        return path

@@ -1,0 +1,148 @@
+"""Hugging Face directory -> megatron-core distributed checkpoint (``convert_checkpoint.py --from-hf``).
+
+Checks the HF config and every tensor's shape here, then launches ``import_worker`` under torchrun
+with TP x PP processes (CPU, gloo). Each rank builds the Tri model at the target layout with the
+library's own builder, copies its tensor-parallel shards in from the safetensors files (read
+lazily), and ``training.checkpointing.save_checkpoint`` writes a weights-only checkpoint at
+iteration 0 ("has_optimizer": false) — exactly what ``pretrain_tri.py --load`` continues from.
+Padded vocabulary rows are filled with zeros. The checkpoint is written to a staging directory and
+renamed into place when complete (and verified, with --verify); a failure writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from typing import Optional
+
+from tri_megatron.convert.hf_config import meta_from_hf_config
+from tri_megatron.convert.hf_io import DTYPES, HFCheckpoint
+from tri_megatron.convert.mapping import ModelDims, expected_hf_shapes
+from tri_megatron.convert.megatron_ckpt import CheckpointError
+from tri_megatron.convert.to_hf import publish, staging_dir
+
+IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
+# A parent torchrun / srun's placement variables must not leak into the worker's own launch.
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+               "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID")
+
+
+def check_hf(hf: HFCheckpoint, m: dict, tied: bool) -> None:
+    """Every tensor the architecture needs is present with its shape, and nothing unknown is."""
+    dims = ModelDims(m)
+    expected = expected_hf_shapes(dims, m["ffn_hidden_size"], m["ssmax"])
+    if tied:
+        expected.pop("lm_head.weight", None)
+    problems = []
+    for name, shape in expected.items():
+        if name not in hf.weight_map:
+            problems.append(f"tensor {name} is missing")
+        elif hf.shape(name) != tuple(shape):
+            problems.append(f"tensor {name} has shape {list(hf.shape(name))}, expected {list(shape)}")
+    extra = [n for n in hf.weight_map if n not in expected and not n.endswith(IGNORED_HF_TENSORS)
+             and not (n == "lm_head.weight" and tied)]
+    if extra:
+        problems.append(f"{len(extra)} tensor(s) the Tri model has no place for, e.g. {', '.join(sorted(extra)[:3])}")
+    if problems:
+        raise CheckpointError(f"{hf.path}: weights do not match config.json: " + "; ".join(problems[:6]))
+
+
+def pretrain_flags(m: dict) -> str:
+    """The pretrain_tri.py architecture flags that describe the imported model."""
+    flags = [f"--num-layers {m['num_layers']}", f"--hidden-size {m['hidden_size']}",
+             f"--ffn-hidden-size {m['ffn_hidden_size']}", f"--num-attention-heads {m['num_attention_heads']}",
+             f"--num-query-groups {m['num_query_groups']}", f"--kv-channels {m['kv_channels']}",
+             f"--vocab-size {m['vocab_size']}", f"--max-position-embeddings {m['max_position_embeddings']}",
+             f"--rotary-base {m['rotary_base']:g}", f"--norm-epsilon {m['norm_epsilon']:g}",
+             f"--no-rope-freq {m['no_rope_freq'] or 0}", f"--window-size {m['window_size'] or 0}",
+             f"--window-attn-skip-freq {m['window_attn_skip_freq'] or 0}"]
+    if m["mtp_num_layers"]:
+        flags.append(f"--mtp-num-layers {m['mtp_num_layers']}")
+    if m["ssmax"]:
+        flags.append("--ssmax")
+    if m["attn_temperature_tuning"]:
+        flags.append(f"--attn-temperature-tuning --attn-floor-scale {m['attn_floor_scale']:g} "
+                     f"--attn-scale {m['attn_scale']:g}")
+    return " ".join(flags)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(job: dict, job_path: str, nproc: int, timeout: Optional[float] = None) -> None:
+    with open(job_path, "w") as f:
+        json.dump(job, f)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for var in LAUNCH_VARS:
+        env.pop(var, None)
+    worker = [sys.executable, "-m", "tri_megatron.convert.import_worker", job_path]
+    if nproc == 1:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        cmd = worker
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), *worker[1:]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        lines = (proc.stdout + proc.stderr).splitlines()
+        errors = [ln for ln in lines if "Error:" in ln and "ChildFailedError" not in ln]
+        raise RuntimeError(f"import worker failed (exit {proc.returncode}): " + (errors[0] if errors else "\n".join(lines[-30:])))
+
+
+def from_hf(hf_dir: str, out_dir: str, target_tp: int = 1, target_pp: int = 1, target_vpp: Optional[int] = None,
+            dtype: Optional[str] = None, overwrite: bool = False, verify: bool = False, verify_tol: float = 1e-4,
+            verify_seq_len: Optional[int] = None, log=print) -> dict:
+    from tri_megatron.arguments import ArgumentError
+    from tri_megatron.convert.megatron_runtime import args_from_meta
+    from tri_megatron.model.config import padded_vocab_size
+
+    hf = HFCheckpoint(hf_dir)
+    m = meta_from_hf_config(hf.config)
+    m["seq_length"] = m["max_position_embeddings"]
+    m["model"] = f"hf:{hf.config.get('model_type')}"
+    # pretrain_tri.py models have a separate output layer: a tied model is untied on import (the
+    # output layer starts as a copy of the embedding, so the logits are unchanged).
+    tied = not m["untie_embeddings_and_output_weights"]
+    m["untie_embeddings_and_output_weights"] = True
+    check_hf(hf, m, tied)
+    torch_dtype = DTYPES[dtype] if dtype and dtype != "auto" else hf.dtype()
+    bf16 = {"bfloat16": True, "float32": False}.get(str(torch_dtype).replace("torch.", ""))
+    if bf16 is None:
+        raise CheckpointError(f"dtype {torch_dtype}: the megatron checkpoint is written in fp32 or bf16; pass --dtype")
+    try:
+        padded_vocab_size(m["vocab_size"], target_tp)
+        args_from_meta(m, target_tp, target_pp, target_vpp, bf16=bf16)
+    except (ArgumentError, ValueError) as e:
+        raise CheckpointError(f"target layout TP={target_tp} PP={target_pp} VPP={target_vpp or 1}: {e}") from None
+    tmp = staging_dir(out_dir, overwrite)
+    try:
+        job = {"hf_dir": os.path.abspath(hf_dir), "save": tmp, "meta": m, "tp": target_tp, "pp": target_pp,
+               "vpp": target_vpp, "bf16": bf16, "tied": tied}
+        run_worker(job, os.path.join(tmp, "import_job.json"), target_tp * target_pp)
+        os.remove(os.path.join(tmp, "import_job.json"))
+        for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(hf_dir, fname)):
+                shutil.copyfile(os.path.join(hf_dir, fname), os.path.join(tmp, fname))
+        log(f"from-hf: {hf_dir} -> {out_dir}: {hf.config.get('model_type')} -> megatron checkpoint at TP={target_tp} "
+            f"PP={target_pp} VPP={target_vpp or 1}, {'bf16' if bf16 else 'fp32'}, iteration 0, weights only"
+            + (", tied embeddings untied (output layer = copy of the embedding)" if tied else ""))
+        log(f"continue training with: pretrain_tri.py {pretrain_flags(m)}{' --bf16' if bf16 else ''} "
+            f"--tensor-model-parallel-size {target_tp} --pipeline-model-parallel-size {target_pp} --load {out_dir} ...")
+        summary = {"meta": m, "bf16": bf16, "pretrain_flags": pretrain_flags(m)}
+        if verify:
+            from tri_megatron.convert.verify import check_parity
+
+            summary["verify"] = check_parity(tmp, hf_dir, verify_tol, seq_len=verify_seq_len, log=log)
+        publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary

@@ -1,0 +1,107 @@
+"""megatron-core distributed checkpoint -> Hugging Face directory (``convert_checkpoint.py --to-hf``).
+
+Reads the checkpoint in this one process (any TP/PP/VPP layout), streams canonical tensors layer by
+layer through the name/layout mapping into sharded safetensors, and writes config.json,
+generation_config.json, the tokenizer files when there is a tokenizer, and for Tri / Trillion
+configs ``modeling_tri.py`` + ``configuration_tri.py``. Everything is written into a staging
+directory beside OUT_DIR and renamed into place only when complete (and verified, with --verify),
+so a failure writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+from tri_megatron.convert.hf_config import export_flavour, hf_config_from_meta
+from tri_megatron.convert.hf_io import DTYPE_NAMES, DTYPES, ShardWriter, copy_tokenizer, find_tokenizer, parse_size
+from tri_megatron.convert.mapping import canonical_to_hf, expected_hf_shapes
+from tri_megatron.convert.megatron_ckpt import MegatronCheckpoint
+
+HF_MODELING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling")
+REMOTE_CODE_FILES = ("configuration_tri.py", "modeling_tri.py")
+
+
+def staging_dir(out_dir: str, overwrite: bool) -> str:
+    """A fresh staging directory beside out_dir (refusing to replace a non-empty out_dir unless asked)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite or choose another OUT_DIR")
+    tmp = out_dir.rstrip("/") + "_staging"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def publish(tmp: str, out_dir: str) -> None:
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def write_hf(ckpt: MegatronCheckpoint, out: str, dtype: Optional[torch.dtype], drop_mtp: bool,
+             tokenizer: Optional[str], max_shard_size: int) -> dict:
+    """Write the HF files for ckpt into the (existing, empty) directory out; returns a summary."""
+    m, dims = ckpt.model, ckpt.dims
+    dtype = dtype or ckpt.dtype
+    writer = ShardWriter(out, max_shard_size)
+    for name, t in ckpt.iter_canonical():
+        for hf_name, ht in canonical_to_hf(name, t, dims, drop_mtp=drop_mtp):
+            writer.add(hf_name, ht.to(dtype))
+    weight_map = writer.finish()
+    expected = expected_hf_shapes(dims, m["ffn_hidden_size"], bool(m.get("ssmax")), drop_mtp)
+    if set(weight_map) != set(expected):  # a mapping bug, never a user error
+        raise AssertionError(f"export wrote {sorted(set(weight_map) ^ set(expected))[:5]} unexpectedly")
+    root = os.path.dirname(ckpt.path)
+    tok = find_tokenizer(tokenizer, ckpt.path, root)
+    max_len = m.get("max_position_embeddings") or m.get("seq_length")
+    special = copy_tokenizer(tok, out, max_len) if tok else {}
+    source = {"iteration": ckpt.meta.get("iteration"), "layout": ckpt.meta.get("layout"),
+              "preset": m.get("model")}
+    cfg = hf_config_from_meta(m, DTYPE_NAMES[dtype], drop_mtp, special, source)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    gen = {"_from_model_config": True, **special}
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2)
+    flavour = export_flavour(m)
+    if flavour != "llama":
+        for fname in REMOTE_CODE_FILES:
+            shutil.copyfile(os.path.join(HF_MODELING_DIR, fname), os.path.join(out, fname))
+    return {"flavour": flavour, "model_type": cfg["model_type"], "tensors": len(weight_map),
+            "shards": len(set(weight_map.values())), "bytes": writer.total, "dtype": DTYPE_NAMES[dtype],
+            "tokenizer": tok, "mtp_layers": cfg.get("num_nextn_predict_layers", 0)}
+
+
+def to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, drop_mtp: bool = False,
+          tokenizer: Optional[str] = None, max_shard_size: str = "5GB", overwrite: bool = False,
+          verify: bool = False, verify_tol: float = 1e-4, verify_seq_len: Optional[int] = None,
+          zero_centered_gamma: Optional[bool] = None, log=print) -> dict:
+    ckpt = MegatronCheckpoint(ckpt_dir)  # validates before anything is written
+    if zero_centered_gamma is not None:
+        ckpt.model["layernorm_zero_centered_gamma"] = zero_centered_gamma
+        ckpt.dims.zero_centered_gamma = zero_centered_gamma
+    size = parse_size(max_shard_size)
+    torch_dtype = DTYPES[dtype] if dtype and dtype != "auto" else None
+    tmp = staging_dir(out_dir, overwrite)
+    try:
+        summary = write_hf(ckpt, tmp, torch_dtype, drop_mtp, tokenizer, size)
+        log(f"to-hf: {ckpt.path} -> {out_dir}: {summary['model_type']} config, {summary['tensors']} tensors in "
+            f"{summary['shards']} shard(s), {summary['bytes'] / 2**20:.1f} MiB {summary['dtype']}, "
+            f"MTP layers {summary['mtp_layers']}, "
+            + (f"tokenizer from {summary['tokenizer']}" if summary["tokenizer"] else
+               "no tokenizer (none in the checkpoint directory; pass --tokenizer)"))
+        if verify:
+            from tri_megatron.convert.verify import check_parity
+
+            summary["verify"] = check_parity(ckpt.path, tmp, verify_tol, seq_len=verify_seq_len, log=log)
+        publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
