@@ -180,7 +180,8 @@ class Trainer:
                 "tokens_per_sec": tokens_per_iter / dt,
                 "tflops_per_device": tflops,
                 "hfu_tflops_per_device": hflops / dt / self.world_size / 1e12,
-                "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                "mfu": tflops / self.peak_tflops if self.peak_tflops else None,  # Megatron convention
+                "hfu": hflops / dt / self.world_size / 1e12 / self.peak_tflops if self.peak_tflops else None,
                 "step_time_s": dt,
                 "consumed_samples": self.consumed_samples,
                 "skipped": out["skipped"],
