@@ -137,11 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_data_pipeline_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of the file-based data pipeline (tri_megatron.data), when it is present."""
-    try:
-        from tri_megatron.data.provider import add_data_args
-    except ImportError:
-        return
+    """Flags of the file-based data pipeline (tri_megatron.data)."""
+    from tri_megatron.data.provider import add_data_args
+
     add_data_args(parser)
 
 

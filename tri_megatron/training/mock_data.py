@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tri_megatron.data.sampler import PretrainingBatchSampler
+
 
 def mock_sample(index: int, seq_length: int, vocab_size: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng((seed, index))
@@ -30,15 +32,6 @@ def micro_batch(indices, seq_length: int, vocab_size: int, seed: int) -> dict:
     }
 
 
-def sampler_indices(consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
-    """Megatron's pretraining sampler order: global sample ids of this rank's successive micro-batches."""
-    step = micro_batch_size * dp_size
-    start = consumed_samples
-    while True:
-        yield list(range(start + dp_rank * micro_batch_size, start + (dp_rank + 1) * micro_batch_size))
-        start += step
-
-
 class MockData:
     """Same interface as tri_megatron.data.provider's DataBundle, for --mock-data."""
 
@@ -51,9 +44,9 @@ class MockData:
         self.valid_domains = ["mock"]
 
     def train_iterator(self, consumed_samples: int):
-        for idx in sampler_indices(consumed_samples, self.mbs, self.dp_rank, self.dp_size):
+        for idx in PretrainingBatchSampler(None, consumed_samples, self.mbs, self.dp_rank, self.dp_size):
             yield micro_batch(idx, self.seq_length, self.vocab_size, self.seed)
 
     def valid_iterator(self, domain: str):
-        for idx in sampler_indices(self.valid_offset, self.mbs, self.dp_rank, self.dp_size):
+        for idx in PretrainingBatchSampler(None, self.valid_offset, self.mbs, self.dp_rank, self.dp_size):
             yield micro_batch(idx, self.seq_length, self.vocab_size, self.seed)
