@@ -131,3 +131,44 @@ def test_fused_rope_path_matches_megatron_rope(megatron_single_process, features
     torch.testing.assert_close(got_logits, ref_logits, atol=1e-5, rtol=1e-5)
     for a, b in zip(got_grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap_grad_reduce"])
+def test_fused_loss_under_ddp_accumulates_into_main_grad(megatron_single_process, overlap):
+    """Under megatron's DDP the fused loss adds the output-layer gradient straight into main_grad (no
+    weight-sized fp32 accumulator of its own) and every main_grad equals the unfused model's .grad."""
+    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.model.builder import build_model_chunks
+    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.training.optimizer import wrap_ddp
+
+    def build(extra):
+        args = parse_args(["--mock-data", "--seq-length", "32", "--mtp-num-layers", "2", *extra])
+        validate_args(args, 1)
+        cfg = transformer_config_from_args(args, False)
+        return build_model_chunks(cfg, args, False)[0], cfg, args
+
+    fused, cfg, args = build(["--fused-mtp-loss", *(["--overlap-grad-reduce"] if overlap else [])])
+    ref, _, _ = build(["--no-fused-mtp-loss"])
+    ref.load_state_dict(fused.state_dict())
+    ddp = wrap_ddp([fused], cfg, args)[0]
+    tokens = torch.randint(0, args.vocab_size, (2, 32))
+    labels = torch.randint(0, args.vocab_size, (2, 32))
+    pos = torch.arange(32).expand(2, -1)
+    mask = (torch.rand(2, 32) > 0.2).float()
+
+    def loss_of(model):
+        per_token = model(tokens, pos, None, labels=labels, loss_mask=mask)
+        return (per_token * mask).sum() / mask.sum()
+
+    got = loss_of(ddp)
+    got.backward()
+    if overlap:
+        ddp.finish_grad_sync()
+    want = loss_of(ref)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    weight = fused.output_layer.weight
+    assert weight.grad_added_to_main_grad is True and weight.grad is None
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.main_grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -4,7 +4,8 @@ Oracles: full logits + ``torch.nn.functional.cross_entropy`` in float64 (values 
 gradients), megatron-core's own vocab-parallel CE math (``VocabParallelCrossEntropy``'s steps) at
 TP=1 on bf16 logits, ``gradcheck`` of the hand-written backward, and a real TP=2 run under gloo whose
 losses and (all-reduced / gathered) gradients must equal the single-process full-vocab computation.
-GPU tests (kernel vs reference) skip only when no CUDA device is present.
+Kernel tests (kernel vs reference) run on a GPU -- skipped only when no CUDA device is present --
+and on the CPU emulator of the same kernel source (tests/kernel_emulator.py), at smaller sizes.
 """
 
 import os
@@ -196,6 +197,13 @@ def test_backward_plan_at_tri21b_shapes():
     assert vs * 5120 * 4 <= fce.TILE_BYTES and vs * chunk * 2 <= fce.TILE_BYTES
     assert fce._backward_plan(vocab=9, hidden=4, elem=4, longest=10, x_rows=10, fp32_acc=False,
                               chunk_size=None, vocab_chunk_size=None)[0] == "direct"
+    # into megatron's main_grad ("direct"): token chunks of 128 MiB but never under 2,048 rows, since
+    # each chunk re-reads and re-writes the whole fp32 [V/tp, h] main_grad
+    def direct(tp):
+        return fce._backward_plan(vocab=124416 // tp, hidden=5120, elem=2, longest=8192, x_rows=8192 * 2,
+                                  fp32_acc=False, chunk_size=None, vocab_chunk_size=None)
+    assert direct(1) == ("direct", 124416, 2048)
+    assert direct(8) == ("direct", 124416 // 8, fce.TILE_BYTES // (124416 // 8 * 2))
 
 
 @pytest.mark.parametrize("with_flag", [False, True])
@@ -282,25 +290,21 @@ def test_vocab_parallel_tp2_gloo_mtp_depth2(chunk):
 
 
 # ------------------------------------------------------------------------------------------ GPU -------
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
-@cuda
+# (kernel_device: the CUDA extension on a GPU, or the same kernel source on the CPU emulator)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [4096, 4093])  # 4093: rows not 16-byte aligned -> scalar path
-def test_gpu_kernel_matches_reference(dtype, vocab):
-    from tri_megatron.ops._kernels import kernels_available
-
-    assert kernels_available(), "CUDA present but the Tri kernels did not load"
-    g = torch.Generator(device="cuda").manual_seed(0)
-    S, B, H = 256, 2, 256
-    xs = [torch.randn(S, B, H, device="cuda", generator=g).to(dtype) for _ in range(3)]
-    w = (torch.randn(vocab, H, device="cuda", generator=g) * 0.05).to(dtype)
-    labels = [torch.randint(0, vocab, (B, S), device="cuda", generator=g) for _ in range(3)]
+def test_gpu_kernel_matches_reference(kernel_device, dtype, vocab):
+    dev = kernel_device
+    g = torch.Generator(device=dev).manual_seed(0)
+    S, B, H = (256, 2, 256) if dev == "cuda" else (64, 2, 64)
+    xs = [torch.randn(S, B, H, device=dev, generator=g).to(dtype) for _ in range(3)]
+    w = (torch.randn(vocab, H, device=dev, generator=g) * 0.05).to(dtype)
+    labels = [torch.randint(0, vocab, (B, S), device=dev, generator=g) for _ in range(3)]
     labels[0][0, :7] = IGNORE
-    masks = [torch.ones(B, S, device="cuda") for _ in range(3)]
+    masks = [torch.ones(B, S, device=dev) for _ in range(3)]
     masks[2][:, -2:] = 0
-    kw = dict(loss_masks=masks, chunk_size=200, z_loss_weight=1e-3, scales=[1.0, 0.05, 0.05])
+    kw = dict(loss_masks=masks, chunk_size=200 if dev == "cuda" else 50, z_loss_weight=1e-3,
+              scales=[1.0, 0.05, 0.05])
     results = []
     for fn in (fused_mtp_cross_entropy, reference_mtp_cross_entropy):
         xx = [x.clone().requires_grad_() for x in xs]
@@ -325,15 +329,15 @@ def _rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-@cuda
-def test_gpu_fused_matches_megatron_unfused_bf16():
-    """Against megatron's unfused formula at TP=1 on GPU (bf16 logits, fp32 softmax)."""
-    g = torch.Generator(device="cuda").manual_seed(1)
-    S, B, H, V = 512, 2, 512, 32000
-    x = torch.randn(S, B, H, device="cuda", generator=g).bfloat16().requires_grad_()
-    w = (torch.randn(V, H, device="cuda", generator=g) * 0.03).bfloat16().requires_grad_()
-    labels = torch.randint(0, V, (B, S), device="cuda", generator=g)
-    loss = fused_linear_cross_entropy(x, w, labels, chunk_size=300)
+def test_gpu_fused_matches_megatron_unfused_bf16(kernel_device):
+    """Against megatron's unfused formula at TP=1 (bf16 logits, fp32 softmax)."""
+    dev = kernel_device
+    g = torch.Generator(device=dev).manual_seed(1)
+    S, B, H, V = (512, 2, 512, 32000) if dev == "cuda" else (96, 2, 64, 32000)
+    x = torch.randn(S, B, H, device=dev, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(V, H, device=dev, generator=g) * 0.03).bfloat16().requires_grad_()
+    labels = torch.randint(0, V, (B, S), device=dev, generator=g)
+    loss = fused_linear_cross_entropy(x, w, labels, chunk_size=300 if dev == "cuda" else 64)
     loss.mean().backward()
     gx, gw = x.grad.clone(), w.grad.clone()
     x.grad = w.grad = None

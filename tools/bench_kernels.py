@@ -16,17 +16,21 @@
 
 Every case is timed forward + backward (median of ``--iters`` after ``--warmup``) and its peak memory
 measured above the live inputs (the loss rows also give the ratio without the weight / hidden gradient
-outputs, which both paths produce alike and which dominate at high TP):
+outputs, which both paths produce alike and which dominate at high TP). Loss rows come in two
+gradient modes (``--grad-mode``): ``bare`` (the weight gradient is a plain ``.grad``) and ``ddp``
+(megatron DDP's fp32 ``main_grad``, the training configuration; see ``_bench_loss_case``).
 * CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocated bytes before the step (inputs).
-* CPU: there are no allocator statistics, so the peak comes from ``torch.profiler``'s memory timeline
-  (allocator-level alloc / free events, ``export_memory_timeline``), minus the inputs' bytes. On CPU
-  the sizes are divided by ``--scale`` (default 16 on CPU) in every dimension, and the fused op's tile
-  budget by scale^2, so the tiling (chunks per head, vocab slices) is that of the full-size run and the
-  memory *ratio* carries over; CPU times are the PyTorch reference path, not the CUDA kernels.
+* CPU: there are no allocator statistics, so the peak is the running sum of the allocator-level
+  alloc / free events that ``torch.profiler`` (``profile_memory=True``) records during the step,
+  less the buffers the CPU BLAS allocates and frees inside one GEMM (bf16 packing; cuBLAS keeps a
+  persistent workspace instead). On CPU the sizes are divided by ``--scale`` (default 16 on CPU) in
+  every dimension, and the fused op's tile budget by scale^2 (its minimum chunk rows by scale), so
+  the tiling (chunks per head, vocab slices) is that of the full-size run and the memory *ratio*
+  carries over; CPU times are the PyTorch reference path, not the CUDA kernels.
 
 Targets (H100): fused-loss peak memory <= 1/4 of unfused at no more time; RoPE+SSMax >= 2x faster than
 unfused. Usage: ``python tools/bench_kernels.py [--only loss|rope] [--tp 1 2 4 8] [--mtp 1 2]
-[--scale N] [--iters N] [--json out.json]``.
+[--grad-mode bare ddp] [--scale N] [--iters N] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ import os
 import socket
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 
@@ -80,8 +83,10 @@ def time_ms(step, device, iters, warmup) -> float:
     return statistics.median(times)
 
 
-def peak_bytes(step, device, inputs) -> int:
-    """Peak memory of one step above the live inputs (see the module docstring for the method)."""
+def peak_bytes(step, device, reset) -> int:
+    """Peak memory of one step above the live inputs (see the module docstring for the method);
+    ``reset()`` first drops the previous step's gradients, so they are not in the baseline."""
+    reset()
     if device.type == "cuda":
         _sync(device)
         torch.cuda.empty_cache()
@@ -90,18 +95,48 @@ def peak_bytes(step, device, inputs) -> int:
         step()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - base
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "mem.json")
-        prof.export_memory_timeline(path, device="cpu")
-        with open(path) as f:
-            _, sizes = json.load(f)
-    peak = max((sum(s) for s in sizes), default=0)
-    return max(0, peak - sum(t.numel() * t.element_size() for t in inputs))
+    events = []  # (time, signed bytes) of the CPU allocator's allocs / frees during the step
+
+    def allocations(ev):
+        if ev.tag == _EventType.Allocation:
+            yield ev
+        for child in ev.children:
+            yield from allocations(child)
+
+    def walk(ev):
+        if ev.tag == _EventType.Allocation:
+            if ev.extra_fields.device.type == "cpu":
+                events.append((ev.start_time_ns, ev.extra_fields.alloc_size))
+            return
+        if ev.name in _GEMM_OPS:  # drop the CPU BLAS's packing buffers, allocated and freed inside one
+            inner = list(allocations(ev))  # GEMM (cuBLAS uses a persistent workspace instead)
+            freed = {a.extra_fields.ptr for a in inner if a.extra_fields.alloc_size < 0}
+            for a in inner:
+                f = a.extra_fields
+                if f.device.type == "cpu" and f.ptr not in freed and f.alloc_size > 0:
+                    events.append((a.start_time_ns, f.alloc_size))
+                elif f.device.type == "cpu" and f.alloc_size < 0 and not any(
+                        b.extra_fields.ptr == f.ptr and b.extra_fields.alloc_size > 0 for b in inner):
+                    events.append((a.start_time_ns, f.alloc_size))  # a free of an outside tensor
+            return
+        for child in ev.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    live = peak = 0
+    for _, nbytes in sorted(events):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+_GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
 # ----------------------------------------------------------------------------------- megatron CE ---
@@ -130,67 +165,92 @@ def megatron_vocab_parallel_ce(device):
 
 
 # ----------------------------------------------------------------------------------- loss bench ----
+def _bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_local):
+    """One (TP, MTP depth, gradient mode) row of the loss benchmark.
+
+    grad_mode ``bare``: the weight gradient is a plain ``.grad`` (no data parallelism).
+    grad_mode ``ddp``: the weight carries megatron DDP's fp32 ``main_grad`` (allocated before the step,
+    like DDP's gradient buffer) and the step ends with DDP's backward hook (``main_grad += grad`` unless
+    the op already accumulated into it); the fused op accumulates into ``main_grad`` as the model does
+    under DDP, the unfused path produces a ``.grad`` that the hook adds, as megatron-core does without
+    gradient-accumulation fusion.
+    """
+    g = torch.Generator(device=device).manual_seed(0)
+    weight = (torch.randn(v_local, h, device=device, generator=g) * 0.02).to(dtype).requires_grad_()
+    hiddens = [torch.randn(n, 1, h, device=device, generator=g).to(dtype).requires_grad_()
+               for _ in range(1 + depth)]
+    labels = [torch.randint(0, v_local, (1, n), device=device, generator=g) for _ in range(1 + depth)]
+    ddp = grad_mode == "ddp"
+    if ddp:
+        weight.main_grad = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+        weight.grad_added_to_main_grad = False
+
+    def clear():
+        for t in (weight, *hiddens):
+            t.grad = None
+
+    def ddp_hook():
+        if ddp:
+            if weight.grad is not None and not weight.grad_added_to_main_grad:
+                weight.main_grad.add_(weight.grad)
+            weight.grad = None
+            weight.grad_added_to_main_grad = False
+
+    def unfused():
+        clear()
+        total = 0
+        for x, lab in zip(hiddens, labels):  # output layer [s, b, V/tp] in the input dtype + megatron CE
+            total = total + vce(torch.matmul(x, weight.t()), lab.t().contiguous()).sum()
+        total.backward()
+        ddp_hook()
+
+    def fused():
+        clear()
+        losses = fce.fused_mtp_cross_entropy(hiddens, weight, labels, accumulate_into_main_grad=ddp)
+        sum(l.sum() for l in losses).backward()
+        ddp_hook()
+
+    plan = fce._backward_plan(vocab=v_local, hidden=h, elem=weight.element_size(), longest=n,
+                              x_rows=n * (1 + depth), fp32_acc=dtype != torch.float32 and not ddp,
+                              chunk_size=None, vocab_chunk_size=None)[0]
+    row = dict(bench="mtp_loss", tp=tp, mtp_depth=depth, grad_mode=grad_mode, tokens=n, hidden=h,
+               vocab_local=v_local, dtype=str(dtype).replace("torch.", ""), backward_plan=plan)
+    for name, step in (("unfused", unfused), ("fused", fused)):
+        row[f"{name}_ms"] = time_ms(step, device, args.iters, args.warmup)
+        row[f"{name}_peak_mib"] = peak_bytes(step, device, clear) / 2**20
+        clear()
+    # the gradient outputs (a weight-sized .grad -- megatron's dummy under DDP -- and the hidden grads)
+    # are the same in both paths; at high TP they are most of the fused peak, so report the peak
+    # without them as well
+    grads_mib = sum(t.numel() * t.element_size() for t in (weight, *hiddens)) / 2**20
+    row["grads_mib"] = grads_mib
+    row["time_ratio"] = row["fused_ms"] / row["unfused_ms"]
+    row["mem_ratio"] = row["fused_peak_mib"] / max(row["unfused_peak_mib"], 1e-9)
+    row["mem_ratio_wo_grads"] = (max(row["fused_peak_mib"] - grads_mib, 0.0)
+                                 / max(row["unfused_peak_mib"] - grads_mib, 1e-9))
+    print(f"loss  tp={tp} D={depth} {grad_mode:4s} [{plan:6s}] unfused {row['unfused_ms']:9.2f} ms "
+          f"{row['unfused_peak_mib']:10.1f} MiB | fused {row['fused_ms']:9.2f} ms "
+          f"{row['fused_peak_mib']:10.1f} MiB | time x{row['time_ratio']:.2f} "
+          f"mem x{row['mem_ratio']:.3f} (w/o the {grads_mib:.1f} MiB of grads "
+          f"x{row['mem_ratio_wo_grads']:.3f})", flush=True)
+    return row
+
+
 def bench_loss(args, device, dtype, scale):
     vce = megatron_vocab_parallel_ce(device)
     h, n = TRI21B["hidden"] // scale, TRI21B["tokens"] // scale
     rows = []
-    saved_tile = fce.TILE_BYTES
+    saved_tile, saved_rows = fce.TILE_BYTES, fce._MIN_ACC_CHUNK_ROWS
     fce.TILE_BYTES = max(1, saved_tile // (scale * scale))
+    fce._MIN_ACC_CHUNK_ROWS = max(1, saved_rows // scale)
     try:
         for tp in args.tp:
             v_local = TRI21B["vocab"] // tp // scale
             for depth in args.mtp:
-                g = torch.Generator(device=device).manual_seed(0)
-                weight = (torch.randn(v_local, h, device=device, generator=g) * 0.02).to(dtype).requires_grad_()
-                hiddens = [torch.randn(n, 1, h, device=device, generator=g).to(dtype).requires_grad_()
-                           for _ in range(1 + depth)]
-                labels = [torch.randint(0, v_local, (1, n), device=device, generator=g)
-                          for _ in range(1 + depth)]
-                inputs = [weight, *hiddens, *labels]
-
-                def clear():
-                    for t in (weight, *hiddens):
-                        t.grad = None
-
-                def unfused():
-                    clear()
-                    total = 0
-                    for x, lab in zip(hiddens, labels):
-                        logits = torch.matmul(x, weight.t())  # [s, b, V/tp], input dtype
-                        total = total + vce(logits, lab.t().contiguous()).sum()
-                    total.backward()
-
-                def fused():
-                    clear()
-                    losses = fce.fused_mtp_cross_entropy(hiddens, weight, labels)
-                    sum(l.sum() for l in losses).backward()
-
-                plan = fce._backward_plan(vocab=v_local, hidden=h, elem=weight.element_size(), longest=n,
-                                          x_rows=n * (1 + depth), fp32_acc=dtype != torch.float32,
-                                          chunk_size=None, vocab_chunk_size=None)[0]
-                row = dict(bench="mtp_loss", tp=tp, mtp_depth=depth, tokens=n, hidden=h, vocab_local=v_local,
-                           dtype=str(dtype).replace("torch.", ""), backward_plan=plan)
-                for name, step in (("unfused", unfused), ("fused", fused)):
-                    row[f"{name}_ms"] = time_ms(step, device, args.iters, args.warmup)
-                    row[f"{name}_peak_mib"] = peak_bytes(step, device, inputs) / 2**20
-                    clear()
-                # the gradients (weight + hidden) are the same outputs in both paths; at high TP they
-                # are most of the fused peak, so report the peak without them as well
-                grads_mib = sum(t.numel() * t.element_size() for t in (weight, *hiddens)) / 2**20
-                row["grads_mib"] = grads_mib
-                row["time_ratio"] = row["fused_ms"] / row["unfused_ms"]
-                row["mem_ratio"] = row["fused_peak_mib"] / max(row["unfused_peak_mib"], 1e-9)
-                row["mem_ratio_wo_grads"] = (max(row["fused_peak_mib"] - grads_mib, 0.0)
-                                             / max(row["unfused_peak_mib"] - grads_mib, 1e-9))
-                rows.append(row)
-                print(f"loss  tp={tp} D={depth} [{plan:6s}] unfused {row['unfused_ms']:9.2f} ms "
-                      f"{row['unfused_peak_mib']:10.1f} MiB | fused {row['fused_ms']:9.2f} ms "
-                      f"{row['fused_peak_mib']:10.1f} MiB | time x{row['time_ratio']:.2f} "
-                      f"mem x{row['mem_ratio']:.3f} (w/o the {grads_mib:.1f} MiB of grads "
-                      f"x{row['mem_ratio_wo_grads']:.3f})", flush=True)
-                del weight, hiddens, labels, inputs
+                for grad_mode in args.grad_mode:
+                    rows.append(_bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_local))
     finally:
-        fce.TILE_BYTES = saved_tile
+        fce.TILE_BYTES, fce._MIN_ACC_CHUNK_ROWS = saved_tile, saved_rows
     return rows
 
 
@@ -220,6 +280,10 @@ def bench_rope(args, device, dtype, scale):
         gq, gk = torch.randn_like(q), torch.randn_like(k)
         floor_scale, attn_scale = 8192.0 / scale, 0.1
 
+        def clear():
+            for t in (q, k, s):
+                t.grad = None
+
         def factor(mode):
             if mode == "ssmax":
                 return torch.log1p(pos.float())[:, None] * s[None, :]
@@ -227,8 +291,7 @@ def bench_rope(args, device, dtype, scale):
 
         def unfused(mode, rotate):
             def step():
-                for t in (q, k, s):
-                    t.grad = None
+                clear()
                 qo, ko = (rope(q, freqs), rope(k, freqs)) if rotate else (q, k)
                 if mode != "none":
                     qo = (qo.float() * factor(mode)[:, None, :, None]).to(dtype)
@@ -241,8 +304,7 @@ def bench_rope(args, device, dtype, scale):
 
         def fused(mode, rotate):
             def step():
-                for t in (q, k, s):
-                    t.grad = None
+                clear()
                 qo, ko = apply_rope_and_query_scale(q, k, freqs if rotate else None, apply_rope=rotate,
                                                     mode=mode, ssmax_scale=s, floor_scale=floor_scale,
                                                     attn_scale=attn_scale)
@@ -260,7 +322,7 @@ def bench_rope(args, device, dtype, scale):
                        dtype=str(dtype).replace("torch.", ""))
             for name, step in (("unfused", unfused(mode, rotate)), ("fused", fused(mode, rotate))):
                 row[f"{name}_ms"] = time_ms(step, device, args.iters, args.warmup)
-                row[f"{name}_peak_mib"] = peak_bytes(step, device, [q, k, s, freqs, gq, gk]) / 2**20
+                row[f"{name}_peak_mib"] = peak_bytes(step, device, clear) / 2**20
             row["speedup"] = row["unfused_ms"] / row["fused_ms"]
             row["mem_ratio"] = row["fused_peak_mib"] / max(row["unfused_peak_mib"], 1e-9)
             rows.append(row)
@@ -277,6 +339,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--mtp", type=int, nargs="+", default=[1, 2], help="MTP depths D (1 + D heads)")
+    p.add_argument("--grad-mode", nargs="+", default=["bare", "ddp"], choices=["bare", "ddp"],
+                   help="weight gradient as a plain .grad, and/or into megatron DDP's fp32 main_grad")
     p.add_argument("--scale", type=int, default=None,
                    help="divide every size by this (default 1 on CUDA, 16 on CPU)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -296,7 +360,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     info = dict(device=torch.cuda.get_device_name(device) if on_gpu else "cpu", torch=torch.__version__,
                 kernels=kernels_available() if on_gpu else False, scale=scale,
-                memory_method="cuda.max_memory_allocated" if on_gpu else "profiler memory timeline")
+                memory_method="cuda.max_memory_allocated" if on_gpu else "profiler allocation events")
     print("bench_kernels:", json.dumps(info), flush=True)
     if not on_gpu:
         print("CPU run: sizes / %d per dimension, reference (PyTorch) path; memory ratios carry over, "

@@ -67,8 +67,14 @@ class FusedLossGPTModel(GPTModel):
             heads = [tensor_parallel.gather_from_sequence_parallel_region(h) for h in heads]
         else:
             heads = [tensor_parallel.copy_to_tensor_model_parallel_region(h) for h in heads]
+        # Under megatron's DDP the weight gradient goes straight into its main_grad buffer (fp32 with
+        # grad_reduce_in_fp32), as megatron's gradient-accumulation fusion does: exact accumulation over
+        # the op's token chunks and no fp32 accumulator of our own. DDP's hook then skips the dummy grad
+        # (or adds the zeros megatron asks for on a tied embedding via zero_out_wgrad).
+        into_main_grad = self.config.gradient_accumulation_fusion or (
+            getattr(weight, "main_grad", None) is not None and hasattr(weight, "grad_added_to_main_grad"))
         losses = fused_mtp_cross_entropy(list(heads), weight, labels_list, loss_masks=masks, tp_group=tp_group,
-                                         accumulate_into_main_grad=self.config.gradient_accumulation_fusion)
+                                         accumulate_into_main_grad=into_main_grad)
 
         main_loss = losses[0]
         for i in range(depth):

@@ -200,7 +200,9 @@ def _backward_plan(*, vocab, hidden, elem, longest, x_rows, fp32_acc, chunk_size
     """(plan, vocab rows per slice, token rows per chunk) of the backward.
 
     * ``"direct"``: the weight gradient needs no separate accumulator (fp32 / fp64 weights, or
-      ``main_grad``): token chunks of ``TILE_BYTES`` against the whole shard.
+      ``main_grad``): token chunks of ``TILE_BYTES`` against the whole shard, but at least
+      ``_MIN_ACC_CHUNK_ROWS`` tokens (or the whole head), since every chunk re-reads and re-writes
+      the whole ``[V/tp, h]`` weight gradient (TP=1 bf16: 2,048 rows are a 486 MiB tile).
     * ``"single"``: one chunk per head against the whole shard; the bf16 / fp16 weight gradient sums
       the heads in its own dtype -- the rounding of megatron's unfused path, where autograd adds the
       heads' weight gradients -- and needs no fp32 buffer. Picked when that tile is the cheapest.
@@ -211,6 +213,9 @@ def _backward_plan(*, vocab, hidden, elem, longest, x_rows, fp32_acc, chunk_size
     """
     if not fp32_acc:
         vs = min(vocab_chunk_size or vocab, vocab)
+        if not (chunk_size or vocab_chunk_size):
+            rows = max(TILE_BYTES // max(1, vs * elem), _MIN_ACC_CHUNK_ROWS)
+            return "direct", vs, max(1, min(rows, longest))
         plan = "direct"
     elif vocab_chunk_size or chunk_size:
         vs = min(vocab_chunk_size or vocab, vocab)
@@ -229,8 +234,8 @@ def _backward_plan(*, vocab, hidden, elem, longest, x_rows, fp32_acc, chunk_size
         plan = min(costs, key=costs.get)
         vs = slice_rows if plan == "sliced" else vocab
         if plan == "single":
-            return plan, vs, longest
-    chunk = min(chunk_size or max(1, TILE_BYTES // max(1, vs * elem)), longest)
+            return plan, vs, max(1, longest)
+    chunk = max(1, min(chunk_size or max(1, TILE_BYTES // max(1, vs * elem)), longest))
     return plan, vs, chunk
 
 
@@ -250,8 +255,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total, longest = sum(sizes), max(sizes)
         row_max = torch.empty(total, dtype=sdt, device=weight.device)
         sumexp, target = torch.empty_like(row_max), torch.empty_like(row_max)
-        chunk = min(heads.chunk_size or default_chunk_size(vocab, weight.dtype, longest), longest)
+        chunk = max(1, min(heads.chunk_size or default_chunk_size(vocab, weight.dtype, longest), longest))
         buf = torch.empty(chunk * vocab, dtype=weight.dtype, device=weight.device)
+        logits = None  # the current chunk (a view of buf)
         off = 0
         for x, lab in zip(xs, heads.labels):
             for c0 in range(0, x.shape[0], chunk):
@@ -260,7 +266,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 sl = slice(off + c0, off + c1)
                 _chunk_stats(kern, logits, lab[c0:c1], vocab_start, row_max[sl], sumexp[sl], target[sl])
             off += x.shape[0]
-        del buf
+        del buf, logits
         if heads.world > 1:  # merge the vocab shards: global max, then rescaled sum-exp + target
             gmax = row_max.clone()
             dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=heads.tp_group)
@@ -312,6 +318,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             chunk_size=heads.chunk_size, vocab_chunk_size=heads.vocab_chunk_size)
         sliced = vs < vocab
         buf = torch.empty(chunk * vs, dtype=weight.dtype, device=weight.device)
+        g = None  # the current tile (a view of buf)
 
         gx = {k: (torch.zeros if sliced else torch.empty)(x.shape, dtype=acc_dt if sliced else x.dtype,
                                                            device=x.device)
@@ -348,7 +355,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                         _accumulate_mm(acc, g.t(), x[c0:c1])
             if acc_slice is not None:
                 grad_w[v0:v1].copy_(acc)
-        del buf, acc_slice
+        del buf, g, acc_slice  # free the tile before megatron's dummy weight grad is allocated
 
         for k, x, *_ in work:
             if k in gx:
