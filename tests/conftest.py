@@ -29,3 +29,30 @@ def megatron_single_process():
 
     model_parallel_cuda_manual_seed(1)
     yield
+
+
+@pytest.fixture(params=["cuda", "emulated"])
+def kernel_device(request, monkeypatch):
+    """Where the kernel-vs-reference tests run the Tri kernels: ``"cuda"`` (the compiled extension on a
+    GPU; skipped only when no CUDA device is present) or ``"emulated"`` (the same csrc/kernels source
+    built for the CPU emulator of tests/kernel_emulator.py, patched in as the ops' kernel module).
+    Returns the torch device of the inputs."""
+    import torch
+
+    from tri_megatron.ops import fused_cross_entropy, rope_ssmax
+
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        from tri_megatron.ops._kernels import kernels_available
+
+        assert kernels_available(), "CUDA present but the Tri kernels did not load"
+        return "cuda"
+    from kernel_emulator import EmulatedKernels
+
+    kern = EmulatedKernels()
+    for mod in (fused_cross_entropy, rope_ssmax):
+        real = mod.use_kernels_for
+        monkeypatch.setattr(mod, "use_kernels_for", lambda *t, real=real: kern if all(
+            x is None or x.device.type == "cpu" for x in t) else real(*t))
+    return "cpu"

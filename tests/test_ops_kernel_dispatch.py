@@ -6,7 +6,10 @@ contract as csrc/kernels/bindings.cpp + the launchers (argument order, caller-al
 row = s * B + b order, the document binary search, NaN for rows past the RoPE tables) and checks the
 same preconditions. Routing the ops through it checks the Python glue of the kernel path -- what is
 allocated, sliced, saved and passed -- without a GPU; the math itself is checked against the
-reference path, and on a GPU the real kernels are checked by the GPU tests.
+reference path, and on a GPU the real kernels are checked by the GPU tests. Every test also runs with
+``EmulatedKernels`` (tests/kernel_emulator.py): the real CUDA source of csrc/kernels built for a CPU
+emulator of the CUDA subset it uses, so the kernels' own indexing, reductions and rounding are
+checked against the references on machines without a GPU too.
 """
 
 import math
@@ -14,6 +17,7 @@ import math
 import pytest
 import torch
 
+from kernel_emulator import EmulatedKernels
 from tri_megatron.ops import fused_cross_entropy as fce
 from tri_megatron.ops import rope_ssmax as rs
 
@@ -132,9 +136,11 @@ class FakeKernels:
             k_out.copy_(transform(k_in, None, inverse).view(k_out.shape))
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    kern = FakeKernels()
+@pytest.fixture(params=["fake", "emulated"])
+def fake(request, monkeypatch):
+    """The ops' kernel module: ``FakeKernels`` (the contract in PyTorch) or ``EmulatedKernels`` (the
+    real csrc/kernels source, compiled for the CPU emulator in tests/cuda_emu)."""
+    kern = FakeKernels() if request.param == "fake" else EmulatedKernels()
     monkeypatch.setattr(rs, "use_kernels_for", lambda *t: kern)
     monkeypatch.setattr(fce, "use_kernels_for", lambda *t: kern)
     return kern

@@ -3,7 +3,8 @@
 The naive oracle is megatron-core's own unfused RoPE (``_apply_rotary_pos_emb_bshd`` / ``_thd``) times
 a query factor built element by element with Python's math module; gradients of the reference's
 hand-written backward are checked with ``torch.autograd.gradcheck`` in double precision.
-GPU tests (kernel vs reference, bf16 / fp32) skip only when no CUDA device is present.
+Kernel tests (kernel vs reference, bf16 / fp32) run on a GPU -- skipped only when no CUDA device is
+present -- and on the CPU emulator of the same kernel source (tests/kernel_emulator.py), at 1/8 size.
 """
 
 import math
@@ -234,25 +235,21 @@ def test_bad_arguments_raise():
 
 
 # ------------------------------------------------------------------------------------------ GPU -------
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
-def _gpu_case(dtype, thd, mode, rot_dim=128, D=128):
-    from tri_megatron.ops._kernels import kernels_available
-
-    assert kernels_available(), "CUDA present but the Tri kernels did not load"
-    g = torch.Generator(device="cuda").manual_seed(0)
+# (kernel_device: the CUDA extension on a GPU, or the same kernel source on the CPU emulator)
+def _gpu_case(dev, dtype, thd, mode, rot_dim=128, D=128):
+    n = 1 if dev == "cuda" else 8  # the emulator runs at 1/8 of the tokens
+    g = torch.Generator(device=dev).manual_seed(0)
     if thd:
-        cu = torch.tensor([0, 700, 701, 1500, 2048], dtype=torch.int32, device="cuda")
-        q = torch.randn(2048, 8, D, device="cuda", generator=g, dtype=dtype)
-        k = torch.randn(2048, 2, D, device="cuda", generator=g, dtype=dtype)
-        freqs = _freqs(1024, rot_dim, dtype=torch.float32).cuda()
+        cu = torch.tensor([0, 700 // n, 700 // n + 1, 1500 // n, 2048 // n], dtype=torch.int32, device=dev)
+        q = torch.randn(2048 // n, 8, D, device=dev, generator=g, dtype=dtype)
+        k = torch.randn(2048 // n, 2, D, device=dev, generator=g, dtype=dtype)
+        freqs = _freqs(1024 // n, rot_dim, dtype=torch.float32).to(dev)
     else:
         cu = None
-        q = torch.randn(512, 3, 8, D, device="cuda", generator=g, dtype=dtype)
-        k = torch.randn(512, 3, 2, D, device="cuda", generator=g, dtype=dtype)
-        freqs = _freqs(512, rot_dim, dtype=torch.float32).cuda()
-    s = (torch.rand(8, device="cuda", generator=g) + 0.5)
+        q = torch.randn(512 // n, 3, 8, D, device=dev, generator=g, dtype=dtype)
+        k = torch.randn(512 // n, 3, 2, D, device=dev, generator=g, dtype=dtype)
+        freqs = _freqs(512 // n, rot_dim, dtype=torch.float32).to(dev)
+    s = (torch.rand(8, device=dev, generator=g) + 0.5)
     kw = dict(mode=mode, floor_scale=64.0, attn_scale=0.1, cu_seqlens=cu)
     gq, gk = torch.randn_like(q), torch.randn_like(k)
     out = []
@@ -264,26 +261,25 @@ def _gpu_case(dtype, thd, mode, rot_dim=128, D=128):
     return out
 
 
-@cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("thd", [False, True])
 @pytest.mark.parametrize("mode", ["none", "ssmax", "temperature"])
-def test_gpu_kernel_matches_reference(dtype, thd, mode):
+def test_gpu_kernel_matches_reference(kernel_device, dtype, thd, mode):
     # fp32: same math, fast-math intrinsics only in log -> 1e-5; bf16: one rounding each side -> 1 ulp
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
-    (kq, kk, kgq, kgk, kds), (rq, rk, rgq, rgk, rds) = _gpu_case(dtype, thd, mode)
+    (kq, kk, kgq, kgk, kds), (rq, rk, rgq, rgk, rds) = _gpu_case(kernel_device, dtype, thd, mode)
     for a, b in ((kq, rq), (kk, rk), (kgq, rgq), (kgk, rgk)):
         torch.testing.assert_close(a.float(), b.float(), **tol)
     if mode == "ssmax":
         torch.testing.assert_close(kds, rds, rtol=1e-3, atol=1e-3)
 
 
-@cuda
-def test_gpu_partial_rotary_and_nope():
-    (kq, kk, kgq, kgk, _), (rq, rk, rgq, rgk, _) = _gpu_case(torch.float32, False, "ssmax", rot_dim=64)
+def test_gpu_partial_rotary_and_nope(kernel_device):
+    (kq, kk, kgq, kgk, _), (rq, rk, rgq, rgk, _) = _gpu_case(kernel_device, torch.float32, False, "ssmax",
+                                                             rot_dim=64)
     torch.testing.assert_close(kq, rq, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kgq, rgq, rtol=1e-5, atol=1e-5)
-    q = torch.randn(300, 2, 4, 64, device="cuda")
+    q = torch.randn(300, 2, 4, 64, device=kernel_device)
     a, _ = apply_rope_and_query_scale(q, None, None, apply_rope=False, mode="temperature", floor_scale=16.0)
     b, _ = reference_rope_and_query_scale(q, None, None, apply_rope=False, mode="temperature", floor_scale=16.0)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
