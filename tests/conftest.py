@@ -56,3 +56,13 @@ def kernel_device(request, monkeypatch):
         monkeypatch.setattr(mod, "use_kernels_for", lambda *t, real=real: kern if all(
             x is None or x.device.type == "cpu" for x in t) else real(*t))
     return "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mtp_loss_tracker():
+    """megatron-core logs MTP losses in a class-level tracker sized by the first model's MTP depth;
+    in-process tests build models of several depths, so each starts with an empty tracker."""
+    mtp = sys.modules.get("megatron.core.transformer.multi_token_prediction")
+    if mtp is not None:
+        mtp.MTPLossLoggingHelper.tracker.clear()
+    yield

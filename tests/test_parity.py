@@ -72,7 +72,8 @@ def test_layout_matches_single_process(references, feature, layout):
 
 
 FUSED_LAYOUTS = {"single": (1, []), "tp2": (2, ["--tensor-model-parallel-size", "2"]),
-                 "pp2": (2, ["--pipeline-model-parallel-size", "2"])}
+                 "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+                 "dp2_distopt": (2, ["--use-distributed-optimizer", "--overlap-grad-reduce"])}
 
 
 @pytest.mark.parametrize("layout", sorted(FUSED_LAYOUTS))
