@@ -289,31 +289,27 @@ def bench_rope(args, device, dtype, scale):
                 return torch.log1p(pos.float())[:, None] * s[None, :]
             return (torch.log(torch.floor((pos.float() + 1.0) / floor_scale) + 1.0) * attn_scale + 1.0)[:, None]
 
-        def unfused(mode, rotate):
+        def step_of(forward, rotate):
+            """One forward + backward of ``forward() -> (q_out, k_out)``; k's output only with RoPE."""
             def step():
                 clear()
-                qo, ko = (rope(q, freqs), rope(k, freqs)) if rotate else (q, k)
-                if mode != "none":
-                    qo = (qo.float() * factor(mode)[:, None, :, None]).to(dtype)
-                outs, grads = [qo], [gq]
-                if rotate:
-                    outs.append(ko)
-                    grads.append(gk)
+                qo, ko = forward()
+                outs, grads = ([qo, ko], [gq, gk]) if rotate else ([qo], [gq])
                 torch.autograd.backward(outs, grads)
             return step
 
+        def unfused(mode, rotate):
+            def forward():
+                qo, ko = (rope(q, freqs), rope(k, freqs)) if rotate else (q, k)
+                if mode != "none":
+                    qo = (qo.float() * factor(mode)[:, None, :, None]).to(dtype)
+                return qo, ko
+            return step_of(forward, rotate)
+
         def fused(mode, rotate):
-            def step():
-                clear()
-                qo, ko = apply_rope_and_query_scale(q, k, freqs if rotate else None, apply_rope=rotate,
-                                                    mode=mode, ssmax_scale=s, floor_scale=floor_scale,
-                                                    attn_scale=attn_scale)
-                outs, grads = [qo], [gq]
-                if rotate:
-                    outs.append(ko)
-                    grads.append(gk)
-                torch.autograd.backward(outs, grads)
-            return step
+            return step_of(lambda: apply_rope_and_query_scale(
+                q, k, freqs if rotate else None, apply_rope=rotate, mode=mode, ssmax_scale=s,
+                floor_scale=floor_scale, attn_scale=attn_scale), rotate)
 
         for label, mode, rotate in (("rope", "none", True), ("rope+ssmax", "ssmax", True),
                                     ("rope+temperature", "temperature", True),
