@@ -53,6 +53,18 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return padded
 
 
+def megatron_wgrad_fusion_available() -> bool:
+    """Whether megatron-core's own linear layers can fuse the weight-gradient accumulation.
+
+    ``ColumnParallelLinear`` (the output layer, also under the TE spec) raises at construction when
+    ``gradient_accumulation_fusion`` is set and apex's ``fused_weight_gradient_mlp_cuda`` did not
+    import; this asks megatron the exact question it asks itself.
+    """
+    from megatron.core.tensor_parallel import layers
+
+    return bool(getattr(layers, "_grad_accum_fusion_available", False))
+
+
 def transformer_config_from_args(args, use_te: bool) -> TriTransformerConfig:
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -95,7 +107,9 @@ def transformer_config_from_args(args, use_te: bool) -> TriTransformerConfig:
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=use_te,
-        gradient_accumulation_fusion=use_te and cuda,
+        # TE's linears fuse the wgrad accumulation themselves, but the output layer (and every linear
+        # of the local spec) is megatron's, which needs apex's fused_weight_gradient_mlp_cuda.
+        gradient_accumulation_fusion=use_te and cuda and megatron_wgrad_fusion_available(),
         cross_entropy_loss_fusion=False,
         # MTP / iRoPE / sliding windows, all megatron-core's
         mtp_num_layers=args.mtp_num_layers or None,
