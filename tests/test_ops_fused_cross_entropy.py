@@ -6,6 +6,10 @@ TP=1 on bf16 logits, ``gradcheck`` of the hand-written backward, and a real TP=2
 losses and (all-reduced / gathered) gradients must equal the single-process full-vocab computation.
 Kernel tests (kernel vs reference) run on a GPU -- skipped only when no CUDA device is present --
 and on the CPU emulator of the same kernel source (tests/kernel_emulator.py), at smaller sizes.
+Gradients are computed in the op's forward: tests check both backward paths (megatron's upstream with
+a loss scale != 1: rescaled; any other upstream: weight gradient recomputed), the GEMM count per
+chunk, no gradient work without grad mode, accumulation over micro-batches into main_grad, and
+activation recompute applying the gradients once.
 """
 
 import os
@@ -54,29 +58,49 @@ def _problem(S=5, B=2, H=6, V=11, heads=2, seed=0, dtype=torch.float64):
     return xs, w, labels, masks
 
 
+def _megatron_upstream(masks, scales, c):
+    """The upstream megatron's schedule sends each head's per-token loss: main head mask / num_tokens,
+    MTP head k mask * its scale (here folded into the op's ``scales``) / its token count -- times one
+    common factor c (loss scale / micro-batches). Returns (upstream tensors, upstream_weights)."""
+    weights = [1.0 / m.sum() for m in masks]
+    return [c * w * m for w, m in zip(weights, masks)], weights
+
+
+def _grads(losses, upstream, inputs):
+    return torch.autograd.grad(sum((l * u).sum() for l, u in zip(losses, upstream)), inputs)
+
+
 @pytest.mark.parametrize("depth", [0, 1, 2])
-@pytest.mark.parametrize("chunk,vchunk", [(1, None), (3, 4), (None, 5), (None, None)])
-def test_values_and_grads_match_naive(depth, chunk, vchunk):
+@pytest.mark.parametrize("chunk", [1, 3, None])
+@pytest.mark.parametrize("upstream_kind", ["megatron", "arbitrary"])
+def test_values_and_grads_match_naive(depth, chunk, upstream_kind):
+    """Values and gradients equal the full-logits float64 computation, for megatron's upstream with a
+    loss scale != 1 (gradients from the forward, rescaled) and for an arbitrary one (recomputed)."""
     xs, w, labels, masks = _problem(heads=1 + depth, seed=depth)
+    masks[0][1, 1] = 0.5  # a fractional loss-mask weight
     scales = [1.0] + [0.1 / max(depth, 1)] * depth
     z = 1e-2
     xs = [x.requires_grad_() for x in xs]
     w.requires_grad_()
+    if upstream_kind == "megatron":
+        upstream, weights = _megatron_upstream(masks, scales, c=1024.0 / 3)
+    else:
+        g = torch.Generator().manual_seed(42)
+        upstream, weights = [torch.rand(m.shape, generator=g, dtype=m.dtype) * m for m in masks], None
+    before = dict(fce.backward_path_counts)
     ours = fused_mtp_cross_entropy(xs, w, labels, loss_masks=masks, chunk_size=chunk, z_loss_weight=z,
-                                   scales=scales, vocab_chunk_size=vchunk)
+                                   scales=scales, upstream_weights=weights)
     naive = _naive(xs, w, labels, masks, scales, z)
     assert len(ours) == 1 + depth
     for a, b in zip(ours, naive):
         assert a.shape == b.shape and a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    # a loss-mask-weighted mean, as megatron's loss function does, drives the backward
-    upstream = [torch.rand_like(m) * m for m in masks]
-    tot_a = sum((a * u).sum() for a, u in zip(ours, upstream))
-    tot_b = sum((b * u).sum() for b, u in zip(naive, upstream))
-    ga = torch.autograd.grad(tot_a, [w, *xs])
-    gb = torch.autograd.grad(tot_b, [w, *xs])
+    ga = _grads(ours, upstream, [w, *xs])
+    gb = _grads(naive, upstream, [w, *xs])
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    path = "stored" if upstream_kind == "megatron" else "recomputed"
+    assert fce.backward_path_counts[path] == before[path] + 1
 
 
 def test_gradcheck_two_heads_masked_zloss():
@@ -86,7 +110,7 @@ def test_gradcheck_two_heads_masked_zloss():
 
     def fn(w, x0, x1):
         return tuple(fused_mtp_cross_entropy([x0, x1], w, labels, loss_masks=masks, chunk_size=4,
-                                             vocab_chunk_size=3, z_loss_weight=0.05, scales=[1.0, 0.3]))
+                                             z_loss_weight=0.05, scales=[1.0, 0.3]))
 
     assert torch.autograd.gradcheck(fn, (w, *xs), eps=1e-6, atol=1e-8)
 
@@ -97,7 +121,8 @@ def test_single_head_entry_and_unused_head():
     x0 = xs[0].requires_grad_()
     loss = fused_linear_cross_entropy(x0, w, labels[0], loss_mask=masks[0], chunk_size=4, scale=0.5)
     torch.testing.assert_close(loss, _naive([x0], w, labels[:1], masks[:1], [0.5])[0], rtol=1e-12, atol=1e-12)
-    # only one of two heads' losses reaches the objective: the other head gets no gradient
+    # only one of two heads' losses reaches the objective: the other head gets no gradient (and the
+    # weight gradient, stored for both heads, is recomputed for the used one)
     x1 = xs[1].requires_grad_()
     l0, l1 = fused_mtp_cross_entropy([x0, x1], w, labels, loss_masks=masks)
     gw, g0, g1 = torch.autograd.grad(l0.sum(), [w, x0, x1], allow_unused=True)
@@ -127,106 +152,155 @@ def test_matches_megatron_vocab_parallel_ce_math_bf16():
     torch.testing.assert_close(ours, mloss.t(), rtol=1e-5, atol=1e-5)
 
 
-def test_chunks_bound_the_logits(monkeypatch):
-    """No GEMM ever produces more than chunk_size x vocab_chunk_size logits (backward) or
-    chunk_size x vocab (forward)."""
-    seen = []
-    real_mm = torch.mm
+class _GemmCounter:
+    """Counts the op's GEMMs: torch.mm (logits, hidden grad) and the weight-grad accumulation."""
 
-    def spy(a, b, *args, **kwargs):
-        out = real_mm(a, b, *args, **kwargs)
-        seen.append(tuple(out.shape))
+    def __init__(self, monkeypatch):
+        self.mm, self.acc = [], 0
+        real_mm, real_acc = torch.mm, fce._accumulate_mm
+
+        def mm(a, b, *args, **kwargs):
+            out = real_mm(a, b, *args, **kwargs)
+            self.mm.append(tuple(out.shape))
+            return out
+
+        def acc(*args):
+            self.acc += 1
+            return real_acc(*args)
+
+        monkeypatch.setattr(fce.torch, "mm", mm)
+        monkeypatch.setattr(fce, "_accumulate_mm", acc)
+
+    def take(self):
+        out = (list(self.mm), self.acc)
+        self.mm.clear()
+        self.acc = 0
         return out
 
-    monkeypatch.setattr(fce.torch, "mm", spy)
+
+def test_three_gemms_per_chunk_in_forward_none_in_backward(monkeypatch):
+    """Training: per chunk the logits, hidden-grad and weight-grad GEMMs run in the forward, and the
+    backward runs none; no GEMM produces more than chunk_size x vocab logits."""
+    count = _GemmCounter(monkeypatch)
     xs, w, labels, masks = _problem(S=8, B=2, H=5, V=9, heads=2)
     xs = [x.requires_grad_() for x in xs]
+    upstream, weights = _megatron_upstream(masks, [1.0, 1.0], c=8.0)
     losses = fused_mtp_cross_entropy(xs, w.requires_grad_(), labels, loss_masks=masks, chunk_size=3,
-                                     vocab_chunk_size=4)
-    n_fwd = len(seen)
-    assert n_fwd == 2 * 6 and all(shape == (3, 9) or shape == (1, 9) for shape in seen)  # 16 rows / 3
-    sum(l.sum() for l in losses).backward()
-    tiles = seen[n_fwd:]  # recomputed [rows, vocab slice] logits (the grad GEMMs accumulate via addmm_)
-    assert len(tiles) == 3 * 12 and all(r <= 3 and c <= 4 for r, c in tiles)
+                                     upstream_weights=weights)
+    mms, accs = count.take()
+    chunks = 2 * 6  # 16 rows per head / 3
+    assert len(mms) == 2 * chunks and accs == chunks
+    assert all(shape in ((3, 9), (1, 9), (3, 5), (1, 5)) for shape in mms)
+    sum((l * u).sum() for l, u in zip(losses, upstream)).backward()
+    assert count.take() == ([], 0)
     assert fce.default_chunk_size(124416, torch.bfloat16, 8192) == fce.TILE_BYTES // (124416 * 2)
+    assert fce.default_chunk_size(124416, torch.bfloat16, 8192, grads=True) == 2048
     assert fce.default_chunk_size(15552, torch.bfloat16, 100) == 100
 
 
-@pytest.mark.parametrize("vocab,hidden,vchunk,plan", [
-    (40, 16, 7, "sliced"),    # explicit vocab slices
-    (40, 16, None, "single"),  # auto: one tile per head, weight grad summed over heads in bf16
-    (40, 4, None, "acc"),      # auto: one fp32 [V, h] weight-grad accumulator over token chunks
-    (200, 16, None, "sliced"),  # auto: fp32 hidden-grad sums over vocab slices
-])
-def test_bf16_tiled_backward_close_to_float64(monkeypatch, vocab, hidden, vchunk, plan):
-    """bf16 through every backward plan stays at bf16 accuracy against float64."""
-    monkeypatch.setattr(fce, "TILE_BYTES", 512)
-    monkeypatch.setattr(fce, "_MIN_ACC_CHUNK_ROWS", 1)  # tiny shapes: let the "acc" plan compete
-    seen = []
-    real_plan = fce._backward_plan
-    monkeypatch.setattr(fce, "_backward_plan", lambda **kw: seen.append(real_plan(**kw)) or seen[-1])
-    xs, w, labels, masks = _problem(S=12, B=2, H=hidden, V=vocab, heads=2, seed=9)
-    x16 = [x.bfloat16().requires_grad_() for x in xs]
-    w16 = w.bfloat16().requires_grad_()
-    losses = fused_mtp_cross_entropy(x16, w16, labels, loss_masks=masks, vocab_chunk_size=vchunk)
-    sum((l * m).sum() for l, m in zip(losses, masks)).backward()
-    xd = [x.detach().double().requires_grad_() for x in x16]
-    wd = w16.detach().double().requires_grad_()
+@pytest.mark.parametrize("how", ["no_grad", "inputs_without_grad"])
+def test_forward_only_computes_no_gradients(monkeypatch, how):
+    """Evaluation (no grad mode, or nothing requiring grad): only the logits GEMM per chunk, and the
+    same losses."""
+    count = _GemmCounter(monkeypatch)
+    xs, w, labels, masks = _problem(S=8, B=2, H=5, V=9, heads=2)
+    if how == "no_grad":
+        xs = [x.requires_grad_() for x in xs]
+        w.requires_grad_()
+        with torch.no_grad():
+            losses = fused_mtp_cross_entropy(xs, w, labels, loss_masks=masks, chunk_size=3)
+    else:
+        losses = fused_mtp_cross_entropy(xs, w, labels, loss_masks=masks, chunk_size=3)
+    mms, accs = count.take()
+    assert len(mms) == 12 and accs == 0 and all(shape[1] == 9 for shape in mms)
+    assert all(l.grad_fn is None for l in losses)
+    for a, b in zip(losses, _naive(xs, w.detach(), labels, masks, [1.0, 1.0])):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("into_main_grad", [False, True])
+def test_low_precision_close_to_float64(dtype, into_main_grad):
+    """fp32 / bf16 against float64, the weight gradient as a plain .grad and into an fp32 main_grad."""
+    xs, w, labels, masks = _problem(S=12, B=2, H=16, V=40, heads=2, seed=9)
+    xl = [x.to(dtype).requires_grad_() for x in xs]
+    wl = w.to(dtype).requires_grad_()
+    if into_main_grad:
+        wl.main_grad = torch.zeros(wl.shape, dtype=torch.float32)
+    upstream, weights = _megatron_upstream(masks, [1.0, 1.0], c=2.0 ** 12)
+    losses = fused_mtp_cross_entropy(xl, wl, labels, loss_masks=masks, chunk_size=7, upstream_weights=weights,
+                                     accumulate_into_main_grad=into_main_grad)
+    sum((l * u.to(l.dtype)).sum() for l, u in zip(losses, upstream)).backward()
+    xd = [x.detach().double().requires_grad_() for x in xl]
+    wd = wl.detach().double().requires_grad_()
     ref = _naive(xd, wd, labels, masks, [1.0, 1.0])
-    sum((l * m).sum() for l, m in zip(ref, masks)).backward()
+    sum((l * u).sum() for l, u in zip(ref, upstream)).backward()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     for a, b in zip(losses, ref):
-        torch.testing.assert_close(a.double(), b.detach(), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(w16.grad.double(), wd.grad, rtol=3e-2, atol=3e-2)
-    for a, b in zip(x16, xd):
-        torch.testing.assert_close(a.grad.double(), b.grad, rtol=3e-2, atol=3e-2)
-    assert seen and seen[0][0] == plan
-
-
-def test_backward_plan_at_tri21b_shapes():
-    """The workspace plan per TP degree at Tri-21B shapes (hidden 5120, 8192 tokens, bf16)."""
-    def plan(tp, depth):
-        return fce._backward_plan(vocab=124416 // tp, hidden=5120, elem=2, longest=8192,
-                                  x_rows=8192 * (1 + depth), fp32_acc=True, chunk_size=None,
-                                  vocab_chunk_size=None)
-    assert plan(1, 1)[0] == plan(1, 2)[0] == plan(2, 2)[0] == "sliced"
-    assert plan(4, 2)[0] == plan(8, 1)[0] == plan(8, 2)[0] == "single"
-    # the fp32 whole-shard accumulator is never picked with short token chunks (TP=1: 539 rows)
-    assert fce._backward_plan(vocab=124416, hidden=64, elem=2, longest=8192, x_rows=8192 * 3,
-                              fp32_acc=True, chunk_size=None, vocab_chunk_size=None)[0] != "acc"
-    kind, vs, chunk = plan(1, 1)
-    assert vs * 5120 * 4 <= fce.TILE_BYTES and vs * chunk * 2 <= fce.TILE_BYTES
-    assert fce._backward_plan(vocab=9, hidden=4, elem=4, longest=10, x_rows=10, fp32_acc=False,
-                              chunk_size=None, vocab_chunk_size=None)[0] == "direct"
-    # into megatron's main_grad ("direct"): token chunks of 128 MiB but never under 2,048 rows, since
-    # each chunk re-reads and re-writes the whole fp32 [V/tp, h] main_grad
-    def direct(tp):
-        return fce._backward_plan(vocab=124416 // tp, hidden=5120, elem=2, longest=8192, x_rows=8192 * 2,
-                                  fp32_acc=False, chunk_size=None, vocab_chunk_size=None)
-    assert direct(1) == ("direct", 124416, 2048)
-    assert direct(8) == ("direct", 124416 // 8, fce.TILE_BYTES // (124416 // 8 * 2))
+        torch.testing.assert_close(a.double(), b.detach(), **tol)
+    gw = wl.main_grad if into_main_grad else wl.grad
+    assert _rel_err(gw, wd.grad) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
+    for a, b in zip(xl, xd):
+        assert _rel_err(a.grad, b.grad) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
 @pytest.mark.parametrize("with_flag", [False, True])
 def test_accumulate_into_main_grad_like_megatron(with_flag):
-    xs, w, labels, masks = _problem(heads=2, seed=4)
-    xs = [x.requires_grad_() for x in xs]
-    w.requires_grad_()
+    """Gradient accumulation over 4 micro-batches into main_grad with a loss scale != 1: each adds
+    exactly c * its gradient, in the backward."""
+    w = _problem(heads=2, seed=4)[1].requires_grad_()
     w.main_grad = torch.full_like(w, 0.5)
     if with_flag:
         w.grad_added_to_main_grad = False
-    losses = fused_mtp_cross_entropy(xs, w, labels, loss_masks=masks, vocab_chunk_size=4,
-                                     accumulate_into_main_grad=True)
-    sum(l.sum() for l in losses).backward()
     ref_w = w.detach().clone().requires_grad_()
-    sum(l.sum() for l in _naive(xs, ref_w, labels, masks, [1.0, 1.0])).backward()
+    for mb in range(4):
+        xs, _, labels, masks = _problem(heads=2, seed=10 + mb)
+        xs = [x.requires_grad_() for x in xs]
+        upstream, weights = _megatron_upstream(masks, [1.0, 0.3], c=512.0 / 4)
+        losses = fused_mtp_cross_entropy(xs, w, labels, loss_masks=masks, chunk_size=4, scales=[1.0, 0.3],
+                                         upstream_weights=weights, accumulate_into_main_grad=True)
+        before = w.main_grad.clone()
+        torch.testing.assert_close(w.main_grad, before)  # nothing applied in the forward
+        sum((l * u).sum() for l, u in zip(losses, upstream)).backward()
+        sum((l * u).sum() for l, u in zip(_naive(xs, ref_w, labels, masks, [1.0, 0.3]), upstream)).backward()
+        if with_flag:
+            assert w.grad_added_to_main_grad is True and w.grad is not None  # megatron's dummy grad
+            w.grad, w.grad_added_to_main_grad = None, False
+        else:
+            assert w.grad is None
     torch.testing.assert_close(w.main_grad, 0.5 + ref_w.grad, rtol=1e-12, atol=1e-12)
-    if with_flag:
-        assert w.grad_added_to_main_grad is True and w.grad is not None  # megatron's dummy grad
-    else:
-        assert w.grad is None
     with pytest.raises(ValueError):
         fused_linear_cross_entropy(xs[0], torch.zeros(3, 6, dtype=torch.float64), labels[0] % 3,
                                    accumulate_into_main_grad=True)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_recompute_applies_gradients_once(use_reentrant):
+    """Under torch.utils.checkpoint the forward runs twice (reentrant: first without grad mode); the
+    weight gradient still reaches main_grad exactly once."""
+    from torch.utils.checkpoint import checkpoint
+
+    xs, w, labels, masks = _problem(heads=2, seed=6)
+    w.requires_grad_()
+    w.main_grad = torch.zeros_like(w)
+    w.grad_added_to_main_grad = False
+    inp = [x.clone().requires_grad_() for x in xs]
+    upstream, weights = _megatron_upstream(masks, [1.0, 1.0], c=3.0)
+
+    def block(x0, x1):
+        h0, h1 = torch.tanh(x0), torch.tanh(x1)  # something before the loss, as a recomputed layer
+        return tuple(fused_mtp_cross_entropy([h0, h1], w, labels, loss_masks=masks, upstream_weights=weights,
+                                             accumulate_into_main_grad=True, chunk_size=5))
+
+    losses = checkpoint(block, *inp, use_reentrant=use_reentrant)
+    sum((l * u).sum() for l, u in zip(losses, upstream)).backward()
+    ref_w = w.detach().clone().requires_grad_()
+    ref_in = [x.clone().requires_grad_() for x in xs]
+    ref = _naive([torch.tanh(x) for x in ref_in], ref_w, labels, masks, [1.0, 1.0])
+    sum((l * u).sum() for l, u in zip(ref, upstream)).backward()
+    torch.testing.assert_close(w.main_grad, ref_w.grad, rtol=1e-12, atol=1e-12)
+    for a, b in zip(inp, ref_in):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_arguments_raise():
@@ -237,6 +311,8 @@ def test_bad_arguments_raise():
         fused_linear_cross_entropy(xs[0], w, labels[0].t())  # labels not [b, s]
     with pytest.raises(ValueError):
         fused_mtp_cross_entropy(xs, w, labels * 2)
+    with pytest.raises(ValueError):
+        fused_mtp_cross_entropy(xs, w, labels, upstream_weights=[1.0, 2.0])
 
 
 # ------------------------------------------------------------------------------- TP=2 under gloo -------
@@ -246,7 +322,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tp_worker(rank, world, port, chunk):
+def _tp_worker(rank, world, port, chunk, upstream_kind):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -258,19 +334,28 @@ def _tp_worker(rank, world, port, chunk):
         scales, z = [1.0, 0.05, 0.05], 1e-2
         vl = w.shape[0] // world
         w_shard = w[rank * vl:(rank + 1) * vl].clone().requires_grad_()
+        w_shard.main_grad = torch.zeros_like(w_shard)
         xs_local = [x.clone().requires_grad_() for x in xs]
+        if upstream_kind == "megatron":
+            upstream, weights = _megatron_upstream(masks, scales, c=64.0)
+        else:
+            upstream, weights = [m * (1 + torch.arange(m.numel(), dtype=m.dtype).view_as(m)) for m in masks], None
+        before = dict(fce.backward_path_counts)
         ours = fused_mtp_cross_entropy(xs_local, w_shard, labels, loss_masks=masks, tp_group=group,
-                                       chunk_size=chunk, z_loss_weight=z, scales=scales)
+                                       chunk_size=chunk, z_loss_weight=z, scales=scales, upstream_weights=weights,
+                                       accumulate_into_main_grad=True)
         xs_ref = [x.clone().requires_grad_() for x in xs]
         w_ref = w.clone().requires_grad_()
         naive = _naive(xs_ref, w_ref, labels, masks, scales, z)
         for a, b in zip(ours, naive):
             torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
-        upstream = [m / m.sum() for m in masks]
         sum((a * u).sum() for a, u in zip(ours, upstream)).backward()
         sum((b * u).sum() for b, u in zip(naive, upstream)).backward()
-        # weight: each rank holds its shard's exact gradient
-        torch.testing.assert_close(w_shard.grad, w_ref.grad[rank * vl:(rank + 1) * vl], rtol=1e-11, atol=1e-12)
+        path = "stored" if upstream_kind == "megatron" else "recomputed"
+        assert fce.backward_path_counts[path] == before[path] + 1
+        # weight: each rank holds its shard's exact gradient (the softmax normaliser is the global one)
+        torch.testing.assert_close(w_shard.main_grad, w_ref.grad[rank * vl:(rank + 1) * vl], rtol=1e-11,
+                                   atol=1e-12)
         # hidden: partial per shard; the caller's all-reduce (copy_to_tensor_model_parallel_region)
         # completes it
         for x_local, x_ref in zip(xs_local, xs_ref):
@@ -282,11 +367,13 @@ def _tp_worker(rank, world, port, chunk):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("chunk", [4])
-def test_vocab_parallel_tp2_gloo_mtp_depth2(chunk):
+@pytest.mark.parametrize("chunk,upstream_kind", [(4, "megatron"), (5, "arbitrary")])
+def test_vocab_parallel_tp2_gloo_mtp_depth2(chunk, upstream_kind):
+    """TP=2 (per-chunk statistics merged over the shards before the in-forward gradients), main + 2 MTP
+    heads, z-loss, masks and ignored labels, a loss scale, into main_grad."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_tp_worker, args=(2, _free_port(), chunk), nprocs=2, join=True)
+    mp.spawn(_tp_worker, args=(2, _free_port(), chunk, upstream_kind), nprocs=2, join=True)
 
 
 # ------------------------------------------------------------------------------------------ GPU -------
@@ -304,7 +391,7 @@ def test_gpu_kernel_matches_reference(kernel_device, dtype, vocab):
     masks = [torch.ones(B, S, device=dev) for _ in range(3)]
     masks[2][:, -2:] = 0
     kw = dict(loss_masks=masks, chunk_size=200 if dev == "cuda" else 50, z_loss_weight=1e-3,
-              scales=[1.0, 0.05, 0.05])
+              scales=[1.0, 0.05, 0.05], upstream_weights=[1.0 / m.sum() for m in masks])
     results = []
     for fn in (fused_mtp_cross_entropy, reference_mtp_cross_entropy):
         xx = [x.clone().requires_grad_() for x in xs]

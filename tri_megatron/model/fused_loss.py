@@ -1,5 +1,6 @@
 """GPTModel whose training loss (main head + D MTP heads) runs through the fused chunked
-softmax cross-entropy in ``tri_megatron.ops`` instead of output layer + vocab-parallel CE per head.
+softmax cross-entropy in ``tri_megatron.ops`` instead of output layer + vocab-parallel CE per head
+(loss gradients computed in the forward, three GEMMs per token chunk, rescaled in the backward).
 
 Only the loss computation changes: with labels and in training/eval with a loss, the hidden states
 of all heads go through one ``fused_mtp_cross_entropy`` call against the shared output weight, so
@@ -69,12 +70,21 @@ class FusedLossGPTModel(GPTModel):
             heads = [tensor_parallel.copy_to_tensor_model_parallel_region(h) for h in heads]
         # Under megatron's DDP the weight gradient goes straight into its main_grad buffer (fp32 with
         # grad_reduce_in_fp32), as megatron's gradient-accumulation fusion does: exact accumulation over
-        # the op's token chunks and no fp32 accumulator of our own. DDP's hook then skips the dummy grad
+        # the op's token chunks (added in the loss backward). DDP's hook then skips the dummy grad
         # (or adds the zeros megatron asks for on a tied embedding via zero_out_wgrad).
         into_main_grad = self.config.gradient_accumulation_fusion or (
             getattr(weight, "main_grad", None) is not None and hasattr(weight, "grad_added_to_main_grad"))
+        # The op computes its gradients in forward, for the upstream gradient each head's per-token loss
+        # will get up to one common factor (loss scale / micro-batches, known only in backward): the main
+        # loss's from the loss function (loss_mask-weighted sum, divided by clamp(sum, 1) unless
+        # calculate_per_token_loss), the MTP losses' from MTPLossAutoScaler below. Any other upstream stays
+        # exact but recomputes the weight gradient (tri_megatron.ops.fused_cross_entropy).
+        per_token = self.config.calculate_per_token_loss
+        mtp_scale = self.config.mtp_loss_scaling_factor / depth if depth else 1.0
+        upstream = [1.0 if per_token else 1.0 / torch.clamp(loss_mask.float().sum().to(torch.int), min=1)]
+        upstream += [mtp_scale if per_token else mtp_scale / token_counts[i] for i in range(depth)]
         losses = fused_mtp_cross_entropy(list(heads), weight, labels_list, loss_masks=masks, tp_group=tp_group,
-                                         accumulate_into_main_grad=into_main_grad)
+                                         upstream_weights=upstream, accumulate_into_main_grad=into_main_grad)
 
         main_loss = losses[0]
         for i in range(depth):

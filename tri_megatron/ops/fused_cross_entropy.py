@@ -1,13 +1,14 @@
-"""Fused output-layer + softmax cross-entropy for the main head and the D MTP heads.
+"""Fused output-layer + softmax cross-entropy for the main head and the D MTP heads, with the loss
+gradients computed inside the forward pass (three GEMMs per token chunk, no logits recompute).
 
 API::
 
     loss = fused_linear_cross_entropy(hidden, weight, labels, *, loss_mask=None, ignore_index=-100,
                                       tp_group=None, chunk_size=None, z_loss_weight=0.0, scale=1.0,
-                                      vocab_chunk_size=None, accumulate_into_main_grad=False)
+                                      upstream_weight=1.0, accumulate_into_main_grad=False)
     losses = fused_mtp_cross_entropy(hiddens, weight, labels_list, *, loss_masks=None,
                                      ignore_index=-100, tp_group=None, chunk_size=None,
-                                     z_loss_weight=0.0, scales=None, vocab_chunk_size=None,
+                                     z_loss_weight=0.0, scales=None, upstream_weights=None,
                                      accumulate_into_main_grad=False)
 
 * ``hidden``: ``[s, b, h]`` (megatron's sequence-first layout), fp32 / bf16 / fp16 (fp64 for tests),
@@ -23,43 +24,64 @@ API::
   dtype by the GEMM, softmax in fp32). The caller applies its loss-mask-weighted mean afterwards.
   ``scale`` (e.g. the MTP scaling factor) multiplies value and gradient alike.
 * ``fused_mtp_cross_entropy`` runs any number of heads (main + D MTP heads, D = 0 works) sharing
-  ``weight`` in one autograd function and returns one loss per head; ``loss_masks`` / ``scales`` are
-  per-head lists (entries may be None / default 1).
+  ``weight`` in one autograd function and returns one loss per head; ``loss_masks`` / ``scales`` /
+  ``upstream_weights`` are per-head lists (entries may be None / default 1).
+
+Schedule (training, i.e. grad mode on and an input needing a gradient): per chunk of ``chunk_size``
+token rows of one head, against the whole vocab shard,
+
+1. GEMM 1: logits tile ``x_c @ W^T`` (the only ``[rows, V/tp]`` buffer, reused by every chunk);
+2. per-row max, sum-exp and target logit (CUDA kernel; a PyTorch reference on CPU); with TP, these
+   rows' statistics are merged over the vocab shards right here (all-reduce MAX, then SUM of rescaled
+   sum-exp + target: two small collectives per chunk), so the normaliser is the global one;
+3. the tile is overwritten in place by ``(softmax * (1 + 2 z lse) - onehot) * q`` (CUDA kernel), with
+   ``q = scale * loss_mask`` on valid tokens and 0 elsewhere;
+4. GEMM 2: ``grad_x_c = tile @ W`` (stored, the size of the hidden states);
+   GEMM 3: ``G += tile^T @ x_c`` (one ``[V/tp, h]`` accumulator, fp32 for bf16 / fp16 weights).
+
+The backward does no GEMM on the fast path. The gradients stored are for an upstream gradient of
+``upstream_weights[k] * loss_mask_k[t]`` on head k's per-token loss; megatron's schedule passes
+``c * that`` with one unknown scalar c (loss scale / micro-batches, the MTP scale set by
+``MTPLossAutoScaler``): the caller says the per-head ratios, ``c`` arrives with the gradient. The
+backward
+
+* scales every stored hidden-gradient row by the upstream it received for that token (exact for any
+  per-token upstream);
+* finds c (least squares over the valid tokens of all heads) and checks that every valid token's
+  upstream is ``c * upstream_weights[k] * loss_mask_k[t]`` to within 8 ulp of its dtype (one
+  host sync); then the weight gradient is ``c * G``, added into ``weight.main_grad`` (megatron DDP /
+  gradient-accumulation fusion) or returned. Only in backward: a forward that runs twice (activation
+  recompute) stores the gradients twice but applies them once.
+* Otherwise (an upstream not of that form, e.g. ``gradcheck``'s random vectors, or one head's loss
+  unused) the weight gradient is recomputed exactly from the saved inputs (logits GEMM + weight-grad
+  GEMM per chunk); ``backward_path_counts`` counts both outcomes.
+
+Without grad mode (evaluation, ``forward_only``) only GEMM 1 and the statistics run: no gradient is
+computed or stored. Extra memory held from forward to backward: the weight gradient ``G``
+(``V/tp x h``: fp32 for 16-bit weights when accumulating into an fp32 ``main_grad``, else the weight's
+dtype) and one hidden-gradient tensor per head (the size of that head's hidden states). The op also
+saves ``hidden`` and ``weight``, as megatron's output layer does. During the forward it also holds
+one logits tile and, for 16-bit weights, an fp32 G accumulator.
 
 Tensor parallelism: ``tp_group`` is the tensor-parallel process group (None or size 1: no
 communication). ``hidden`` must be the full sequence replicated on the TP ranks (as megatron's output
-layer input after its sequence-parallel gather). Forward all-reduces per-token max (MAX) and rescaled
-sum-exp + target logit (SUM) over ``tp_group`` -- two collectives per call, for all heads together.
-Backward does **no** communication: the gradient returned for ``hidden`` is this vocab shard's
-partial, exactly what megatron's ``ColumnParallelLinear`` computes before its input-grad all-reduce.
-So the caller wraps the input as megatron does::
+layer input after its sequence-parallel gather). The gradient returned for ``hidden`` is this vocab
+shard's partial, exactly what megatron's ``ColumnParallelLinear`` computes before its input-grad
+all-reduce; so the caller wraps the input as megatron does::
 
     hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)        # SP off
     # or: hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)  # SP on
     loss = fused_linear_cross_entropy(hidden, output_layer.weight, labels, tp_group=tp_group)
 
-How: the forward processes ``chunk_size`` token rows at a time against the whole vocab shard
-(default: a logits chunk of ~128 MiB), so a full ``[tokens, V/tp]`` logits tensor is never stored; it
-keeps only per-token max, sum-exp and target logit (and saves nothing but ``hidden`` and ``weight``,
-which megatron's output layer saves too). The backward walks tiles of token chunks by the vocab shard (or by
-vocab slices), recomputes each tile's logits (cuBLAS GEMM), overwrites them in place with
-``(softmax * (1 + 2 z lse) - onehot) * dloss * scale * mask`` (the CUDA kernel; a PyTorch reference
-on CPU), and feeds the tile to the input- and weight-gradient GEMMs. For bf16 / fp16 weights it picks
-the cheapest of three workspace plans (``_backward_plan``): one tile per head with the weight gradient
-summed over heads in its own dtype (exactly the rounding of the unfused path; high TP), an fp32
-``[V/tp, h]`` weight-gradient accumulator over token chunks, or fp32 weight-gradient slices of
-~128 MiB with the hidden gradients summed in fp32 over slices (low TP). Explicit ``chunk_size`` /
-``vocab_chunk_size`` force the fp32 plans with those tiles.
-
 ``accumulate_into_main_grad=True`` mirrors megatron's ``gradient_accumulation_fusion``: the weight
-gradient is added straight into ``weight.main_grad`` (captured at forward) and the op returns
-megatron's dummy weight grad (setting ``weight.grad_added_to_main_grad``), so no weight-sized gradient
-buffer is allocated at all. Label smoothing is not supported.
+gradient is added into ``weight.main_grad`` (captured at forward) in backward and the op returns
+megatron's dummy weight grad (setting ``weight.grad_added_to_main_grad``). Label smoothing is not
+supported.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -67,18 +89,33 @@ import torch.distributed as dist
 from tri_megatron.ops._kernels import use_kernels_for
 
 __all__ = ["fused_linear_cross_entropy", "fused_mtp_cross_entropy", "reference_mtp_cross_entropy",
-           "default_chunk_size", "TILE_BYTES"]
+           "default_chunk_size", "TILE_BYTES", "backward_path_counts"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Byte budget of one logits tile and of the fp32 weight-grad slice (the default chunking); tools and
-# tests may lower it to keep the tiling structure of full-size runs at reduced sizes.
+# Byte budget of one logits tile (the default chunking); tools and tests may lower it to keep the
+# tiling structure of full-size runs at reduced sizes.
 TILE_BYTES = 128 * 2**20
+# With gradients, every chunk re-reads and re-writes the whole [V/tp, h] weight-gradient accumulator
+# in its GEMM 3: chunks are at least this many token rows (or the whole head) so that stays cheap.
+_MIN_GRAD_CHUNK_ROWS = 2048
+# Row blocks of the PyTorch reference's elementwise work (kept in cache; the kernels have none).
+_REF_BLOCK_BYTES = 2 * 2**20
+
+# How many backward calls took each path ("stored": rescale the forward's gradients; "recomputed":
+# the upstream was not proportional to the expected one, weight gradient recomputed). Diagnostics.
+backward_path_counts = {"stored": 0, "recomputed": 0}
+
+Number = Union[float, torch.Tensor]
 
 
-def default_chunk_size(vocab_local: int, dtype: torch.dtype, rows: int) -> int:
-    """Token rows per chunk so that one logits chunk is about ``TILE_BYTES`` (128 MiB), in [1, rows]."""
+def default_chunk_size(vocab_local: int, dtype: torch.dtype, rows: int, grads: bool = False) -> int:
+    """Token rows per chunk: a logits chunk of about ``TILE_BYTES`` (128 MiB), with gradients at least
+    ``_MIN_GRAD_CHUNK_ROWS``, in [1, rows]."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return max(1, min(rows, TILE_BYTES // max(1, vocab_local * elem)))
+    chunk = TILE_BYTES // max(1, vocab_local * elem)
+    if grads:
+        chunk = max(chunk, _MIN_GRAD_CHUNK_ROWS)
+    return max(1, min(rows, chunk))
 
 
 def _tp_info(tp_group) -> tuple[int, int]:
@@ -89,9 +126,10 @@ def _tp_info(tp_group) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------ per-chunk primitives -------
 def _ref_row_blocks(logits: torch.Tensor):
-    """Row blocks for the PyTorch reference, so its fp32 temporaries stay ~1/8 of a logits tile (the
-    kernels have none): CPU memory measurements then reflect the fused design, not the reference."""
-    step = max(1, (TILE_BYTES // 8) // max(1, logits.shape[1] * 4))
+    """Row blocks for the PyTorch reference: small enough to stay in cache (and for its fp32
+    temporaries to be negligible next to a tile, so CPU memory figures reflect the fused design)."""
+    budget = min(_REF_BLOCK_BYTES, max(1, TILE_BYTES // 8))
+    step = max(1, budget // max(1, logits.shape[1] * 4))
     for r0 in range(0, logits.shape[0], step):
         yield slice(r0, min(r0 + step, logits.shape[0]))
 
@@ -103,10 +141,10 @@ def _chunk_stats(kern, logits, labels, vocab_start, row_max, row_sumexp, target)
         return
     vocab = logits.shape[1]
     for rb in _ref_row_blocks(logits):
-        lf = logits[rb].to(row_max.dtype, copy=True)
+        lf = logits[rb].to(row_max.dtype)
         m = lf.amax(dim=-1)
         row_max[rb] = m
-        row_sumexp[rb] = torch.exp(lf.sub_(m[:, None])).sum(dim=-1)
+        row_sumexp[rb] = torch.exp(lf - m[:, None]).sum(dim=-1)
         t = labels[rb] - vocab_start
         inside = (t >= 0) & (t < vocab)
         picked = logits[rb].gather(1, t.clamp(0, vocab - 1)[:, None])[:, 0].to(target.dtype)
@@ -120,12 +158,30 @@ def _chunk_grad_inplace(kern, logits, labels, vocab_start, lse, p_coef, t_coef):
         return
     vocab = logits.shape[1]
     for rb in _ref_row_blocks(logits):
-        # (for fp32 / fp64 logits the sub_ runs on the tile itself, which is overwritten below anyway)
-        g = torch.exp(logits[rb].to(lse.dtype).sub_(lse[rb, None])).mul_(p_coef[rb, None])
+        blk = logits[rb]
+        if blk.dtype == lse.dtype:  # fp32 / fp64 tiles: in place, no temporary
+            g = blk.sub_(lse[rb, None]).exp_().mul_(p_coef[rb, None])
+        else:  # 16-bit tiles: fp32 math, one rounding to the tile's dtype (as the kernel)
+            g = torch.exp(blk.to(lse.dtype) - lse[rb, None]).mul_(p_coef[rb, None])
         t = labels[rb] - vocab_start
         rows = torch.nonzero((t >= 0) & (t < vocab), as_tuple=True)[0]
-        g[rows, t[rows]] -= t_coef[rb][rows]
-        logits[rb] = g
+        g[rows, t[rows]] -= t_coef[rb][rows].to(g.dtype)
+        if g is not blk:
+            blk.copy_(g)
+
+
+def _global_lse(kern, heads, logits, labels, vocab_start, sdt):
+    """(lse, target logit) per row of one chunk over the whole vocab (TP shards merged)."""
+    stats = torch.empty(3, logits.shape[0], dtype=sdt, device=logits.device)
+    row_max, sumexp, target = stats.unbind(0)
+    _chunk_stats(kern, logits, labels, vocab_start, row_max, sumexp, target)
+    if heads.world > 1:  # merge the vocab shards: global max, then rescaled sum-exp + target
+        gmax = row_max.clone()
+        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=heads.tp_group)
+        packed = torch.stack([sumexp * torch.exp(row_max - gmax), target])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=heads.tp_group)
+        row_max, (sumexp, target) = gmax, packed.unbind(0)
+    return torch.log(sumexp) + row_max, target
 
 
 _ADDMM_FP32_OK: dict = {}
@@ -169,14 +225,19 @@ def _tile(storage: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------ autograd function ----------
 class _Heads:
-    """Non-differentiable per-call state: flattened labels / masks per head, TP info, settings."""
+    """Non-differentiable per-call state: flattened labels / masks per head, TP info, settings.
 
-    def __init__(self, labels, valid, scales, rank, world, tp_group, chunk_size, vocab_chunk_size,
-                 z_loss, use_kernels, main_grad):
-        self.labels, self.valid, self.scales = labels, valid, scales
+    ``valid[k]``: 1 on tokens with a loss (label not ignored, mask != 0); ``upstream[k]``: the loss-mask
+    value there (0 elsewhere), the per-token shape of the expected upstream gradient; ``weights[k]``:
+    the per-head factor of the expected upstream (float or 0-dim tensor)."""
+
+    def __init__(self, labels, valid, upstream, scales, weights, rank, world, tp_group, chunk_size,
+                 z_loss, use_kernels, main_grad, need_grads):
+        self.labels, self.valid, self.upstream = labels, valid, upstream
+        self.scales, self.weights = scales, weights
         self.rank, self.world, self.tp_group = rank, world, tp_group
-        self.chunk_size, self.vocab_chunk_size = chunk_size, vocab_chunk_size
-        self.z_loss, self.use_kernels, self.main_grad = z_loss, use_kernels, main_grad
+        self.chunk_size, self.z_loss = chunk_size, z_loss
+        self.use_kernels, self.main_grad, self.need_grads = use_kernels, main_grad, need_grads
 
 
 def _kernel(heads: _Heads, weight: torch.Tensor):
@@ -193,176 +254,191 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-_MIN_ACC_CHUNK_ROWS = 2048
-
-
-def _backward_plan(*, vocab, hidden, elem, longest, x_rows, fp32_acc, chunk_size, vocab_chunk_size):
-    """(plan, vocab rows per slice, token rows per chunk) of the backward.
-
-    * ``"direct"``: the weight gradient needs no separate accumulator (fp32 / fp64 weights, or
-      ``main_grad``): token chunks of ``TILE_BYTES`` against the whole shard, but at least
-      ``_MIN_ACC_CHUNK_ROWS`` tokens (or the whole head), since every chunk re-reads and re-writes
-      the whole ``[V/tp, h]`` weight gradient (TP=1 bf16: 2,048 rows are a 486 MiB tile).
-    * ``"single"``: one chunk per head against the whole shard; the bf16 / fp16 weight gradient sums
-      the heads in its own dtype -- the rounding of megatron's unfused path, where autograd adds the
-      heads' weight gradients -- and needs no fp32 buffer. Picked when that tile is the cheapest.
-    * ``"acc"``: token chunks, one fp32 ``[V/tp, h]`` weight-gradient accumulator.
-    * ``"sliced"``: vocab slices of ``TILE_BYTES`` of fp32 weight-gradient accumulator, each over all
-      heads and tokens, with the hidden gradients summed in fp32 over the slices.
-    Without explicit sizes the cheapest of single / acc / sliced (in bytes of workspace) is used.
-    """
-    if not fp32_acc:
-        vs = min(vocab_chunk_size or vocab, vocab)
-        if not (chunk_size or vocab_chunk_size):
-            rows = max(TILE_BYTES // max(1, vs * elem), _MIN_ACC_CHUNK_ROWS)
-            return "direct", vs, max(1, min(rows, longest))
-        plan = "direct"
-    elif vocab_chunk_size or chunk_size:
-        vs = min(vocab_chunk_size or vocab, vocab)
-        plan = "sliced" if vs < vocab else "acc"
-    else:
-        slice_rows = min(vocab, max(1, TILE_BYTES // (hidden * 4)))
-        costs = {
-            "single": longest * vocab * elem,
-            "acc": vocab * hidden * 4 + TILE_BYTES,
-            "sliced": x_rows * hidden * 4 + slice_rows * hidden * 4 + TILE_BYTES,
-        }
-        # "acc" re-reads / re-writes the whole fp32 [V/tp, h] accumulator once per token chunk: only
-        # worth it when chunks are long enough for the weight-grad GEMM to stay compute-bound
-        if min(longest, TILE_BYTES // max(1, vocab * elem)) < min(longest, _MIN_ACC_CHUNK_ROWS):
-            del costs["acc"]
-        plan = min(costs, key=costs.get)
-        vs = slice_rows if plan == "sliced" else vocab
-        if plan == "single":
-            return plan, vs, max(1, longest)
-    chunk = max(1, min(chunk_size or max(1, TILE_BYTES // max(1, vs * elem)), longest))
-    return plan, vs, chunk
+def _same_number(a: Number, b: Number) -> bool:
+    return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and float(a) == float(b)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Forward: token chunks x full vocab shard -> per-row stats. Backward: tiles of
-    (vocab slice) x (token chunk) as :func:`_backward_plan` decides."""
+    """Forward: token chunks x full vocab shard -> loss rows and (training) the gradients, three GEMMs
+    per chunk. Backward: rescale the stored gradients (or recompute the weight gradient)."""
 
     @staticmethod
     def forward(ctx, heads: _Heads, weight: torch.Tensor, *hiddens: torch.Tensor):
-        ctx.set_materialize_grads(False)  # a head whose loss is unused costs no backward work
+        ctx.set_materialize_grads(False)  # a head whose loss is unused sends None
         vocab, h = weight.shape
         vocab_start = heads.rank * vocab
         kern = _kernel(heads, weight)
         sdt = _stat_dtype(weight)
+        dev = weight.device
         xs = [x.reshape(-1, h) for x in hiddens]
         sizes = [x.shape[0] for x in xs]
-        total, longest = sum(sizes), max(sizes)
-        row_max = torch.empty(total, dtype=sdt, device=weight.device)
-        sumexp, target = torch.empty_like(row_max), torch.empty_like(row_max)
-        chunk = max(1, min(heads.chunk_size or default_chunk_size(vocab, weight.dtype, longest), longest))
-        buf = torch.empty(chunk * vocab, dtype=weight.dtype, device=weight.device)
-        logits = None  # the current chunk (a view of buf)
+        need_w = heads.need_grads and ctx.needs_input_grad[1]
+        need_x = [heads.need_grads and ctx.needs_input_grad[2 + k] for k in range(len(xs))]
+        grads = need_w or any(need_x)
+        chunk = max(1, min(heads.chunk_size or default_chunk_size(vocab, weight.dtype, max(sizes), grads),
+                           max(sizes)))
+        buf = torch.empty(chunk * vocab, dtype=weight.dtype, device=dev)
+        lse_all = torch.empty(sum(sizes), dtype=sdt, device=dev)
+        target_all = torch.empty_like(lse_all)
+        gx = [torch.empty_like(x) if nx else None for x, nx in zip(xs, need_x)]
+        acc = torch.zeros(vocab, h, dtype=_acc_dtype(weight.dtype), device=dev) if need_w else None
+        w_prev = None  # acc holds sum_k (w_k / w_prev) G_k: rescaled between heads, no host sync
+        logits = None
         off = 0
-        for x, lab in zip(xs, heads.labels):
+        for k, (x, lab) in enumerate(zip(xs, heads.labels)):
+            q = p = None
+            if grads:
+                q = (heads.upstream[k] * heads.scales[k]).contiguous()
+                if need_w and w_prev is not None and not _same_number(w_prev, heads.weights[k]):
+                    acc.mul_(w_prev / heads.weights[k])
+                w_prev = heads.weights[k] if need_w else w_prev
             for c0 in range(0, x.shape[0], chunk):
                 c1 = min(c0 + chunk, x.shape[0])
-                logits = torch.mm(x[c0:c1], weight.t(), out=_tile(buf, c1 - c0, vocab))
-                sl = slice(off + c0, off + c1)
-                _chunk_stats(kern, logits, lab[c0:c1], vocab_start, row_max[sl], sumexp[sl], target[sl])
+                logits = torch.mm(x[c0:c1], weight.t(), out=_tile(buf, c1 - c0, vocab))  # GEMM 1
+                lse, target = _global_lse(kern, heads, logits, lab[c0:c1], vocab_start, sdt)
+                lse_all[off + c0:off + c1] = lse
+                target_all[off + c0:off + c1] = target
+                if not grads:
+                    continue
+                qc = q[c0:c1]
+                p = (qc * (1.0 + 2.0 * heads.z_loss * lse)).contiguous() if heads.z_loss else qc
+                _chunk_grad_inplace(kern, logits, lab[c0:c1], vocab_start, lse.contiguous(), p, qc)
+                if need_x[k]:
+                    torch.mm(logits, weight, out=gx[k][c0:c1])  # GEMM 2
+                if need_w:
+                    _accumulate_mm(acc, logits.t(), x[c0:c1])  # GEMM 3
             off += x.shape[0]
         del buf, logits
-        if heads.world > 1:  # merge the vocab shards: global max, then rescaled sum-exp + target
-            gmax = row_max.clone()
-            dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=heads.tp_group)
-            packed = torch.stack([sumexp * torch.exp(row_max - gmax), target])
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=heads.tp_group)
-            row_max, (sumexp, target) = gmax, packed.unbind(0)
-        lse = torch.log(sumexp) + row_max
-        loss = lse - target
+        loss = lse_all - target_all
         if heads.z_loss:
-            loss = loss + heads.z_loss * lse * lse
+            loss = loss + heads.z_loss * lse_all * lse_all
         outs = []
         for hid, valid, sc, part in zip(hiddens, heads.valid, heads.scales, loss.split(sizes)):
             outs.append((part * valid * sc).view(hid.shape[0], hid.shape[1]).t().contiguous())
-        ctx.heads, ctx.lse, ctx.sizes = heads, lse, sizes
-        ctx.save_for_backward(weight, *hiddens)
+        if grads:
+            hold = weight.dtype
+            if need_w and heads.main_grad is not None:
+                hold = heads.main_grad.dtype
+            ctx.grad_w = acc if acc is None or acc.dtype == hold else acc.to(hold)
+            del acc
+            ctx.grad_w_scale = w_prev  # ctx.grad_w * grad_w_scale = sum_k w_k G_k
+            ctx.grad_x = gx
+            ctx.lse = lse_all
+            ctx.save_for_backward(weight, *hiddens)
+        ctx.heads, ctx.sizes, ctx.grads = heads, sizes, grads
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_losses):
-        heads, lse, sizes = ctx.heads, ctx.lse, ctx.sizes
+        heads, sizes = ctx.heads, ctx.sizes
+        n_heads = len(sizes)
+        if not ctx.grads:
+            raise RuntimeError("fused cross-entropy: backward through a forward that ran without grad mode")
         weight, *hiddens = ctx.saved_tensors
-        vocab, h = weight.shape
-        vocab_start = heads.rank * vocab
-        kern = _kernel(heads, weight)
-        need_w = ctx.needs_input_grad[1]
-        acc_dt = _acc_dtype(weight.dtype)
-
-        # heads that take part, with their per-row coefficients
-        work = []
-        off = 0
-        for k, (hid, g_out) in enumerate(zip(hiddens, grad_losses)):
-            n = sizes[k]
-            need_x = ctx.needs_input_grad[2 + k]
-            if g_out is not None and (need_x or need_w):
-                lse_k = lse[off:off + n]
-                coef = (g_out.t().reshape(-1).to(lse.dtype) * heads.valid[k] * heads.scales[k]).contiguous()
-                p_coef = (coef * (1.0 + 2.0 * heads.z_loss * lse_k)).contiguous() if heads.z_loss else coef
-                work.append((k, hid.reshape(-1, h), lse_k, p_coef, coef, need_x))
-            off += n
-        grads_h: List[Optional[torch.Tensor]] = [None] * len(hiddens)
-        if not work:
-            return (None, None, *grads_h)
-
+        # the stored gradients are rescaled in place and handed out once; a second backward through
+        # the same graph (retain_graph) recomputes
+        gx, grad_w_stored, ctx.grad_x, ctx.grad_w = ctx.grad_x, ctx.grad_w, None, None
+        # per token, the upstream gradient in the op's [s * b] row order (None: head unused)
+        ups = [None if g is None else g.t().reshape(-1).to(ctx.lse.dtype) for g in grad_losses]
+        need_x = [ctx.needs_input_grad[2 + k] and ups[k] is not None for k in range(n_heads)]
+        need_w = ctx.needs_input_grad[1] and any(u is not None for u in ups)
         main_grad = heads.main_grad
-        fp32_acc = need_w and main_grad is None and acc_dt != weight.dtype
-        plan, vs, chunk = _backward_plan(
-            vocab=vocab, hidden=h, elem=weight.element_size(), longest=max(x.shape[0] for _, x, *_ in work),
-            x_rows=sum(x.shape[0] for _, x, _, _, _, need_x in work if need_x), fp32_acc=fp32_acc,
-            chunk_size=heads.chunk_size, vocab_chunk_size=heads.vocab_chunk_size)
-        sliced = vs < vocab
-        buf = torch.empty(chunk * vs, dtype=weight.dtype, device=weight.device)
-        g = None  # the current tile (a view of buf)
 
-        gx = {k: (torch.zeros if sliced else torch.empty)(x.shape, dtype=acc_dt if sliced else x.dtype,
-                                                           device=x.device)
-              for k, x, _, _, _, need_x in work if need_x}
-        grad_w = torch.empty_like(weight) if need_w and main_grad is None else None
-        acc_slice = None
-        if fp32_acc and plan != "single":
-            acc_slice = torch.empty(vs * h, dtype=acc_dt, device=weight.device)
-
-        for v0 in range(0, vocab, vs):
-            v1 = min(v0 + vs, vocab)
-            w_s = weight[v0:v1]
-            acc = None
-            if need_w:
-                if main_grad is not None:
-                    acc = main_grad[v0:v1]
-                elif acc_slice is not None:
-                    acc = _tile(acc_slice, v1 - v0, h).zero_()
+        grads_h: List[Optional[torch.Tensor]] = [None] * n_heads
+        if gx is not None:
+            for k in range(n_heads):
+                if need_x[k] and gx[k] is not None:
+                    u = heads.upstream[k]
+                    factor = torch.where(u != 0, ups[k] / torch.where(u != 0, u, torch.ones_like(u)),
+                                         torch.zeros_like(u))
+                    grads_h[k] = gx[k].mul_(factor[:, None]).view(hiddens[k].shape)
+            del gx
+            need_x = [False] * n_heads
+        grad_w = None
+        produced_w = need_w  # a weight gradient exists (in main_grad, or returned)
+        if grad_w_stored is not None and need_w:
+            c = _common_factor(heads, ups)
+            if c is not None:
+                backward_path_counts["stored"] += 1
+                scale = c * ctx.grad_w_scale
+                need_w = False
+                if main_grad is None:
+                    grad_w = grad_w_stored.mul_(scale)
+                elif grad_w_stored.dtype == main_grad.dtype:
+                    main_grad.addcmul_(grad_w_stored, scale)
                 else:
-                    acc = grad_w[v0:v1].zero_()
-            for k, x, lse_k, p_coef, coef, need_x in work:
-                labels = heads.labels[k]
-                for c0 in range(0, x.shape[0], chunk):
-                    c1 = min(c0 + chunk, x.shape[0])
-                    g = torch.mm(x[c0:c1], w_s.t(), out=_tile(buf, c1 - c0, v1 - v0))
-                    _chunk_grad_inplace(kern, g, labels[c0:c1], vocab_start + v0, lse_k[c0:c1],
-                                        p_coef[c0:c1], coef[c0:c1])
-                    if need_x:
-                        if sliced:
-                            _accumulate_mm(gx[k][c0:c1], g, w_s)
-                        else:
-                            torch.mm(g, w_s, out=gx[k][c0:c1])
-                    if need_w:
-                        _accumulate_mm(acc, g.t(), x[c0:c1])
-            if acc_slice is not None:
-                grad_w[v0:v1].copy_(acc)
-        del buf, g, acc_slice  # free the tile before megatron's dummy weight grad is allocated
-
-        for k, x, *_ in work:
-            if k in gx:
-                grads_h[k] = gx[k].to(hiddens[k].dtype).view(hiddens[k].shape)
-        if need_w and main_grad is not None:
+                    main_grad.add_(grad_w_stored.mul_(scale))
+        del grad_w_stored  # before anything weight-sized is allocated
+        if need_w or any(need_x):
+            backward_path_counts["recomputed"] += 1
+            grad_x_re, grad_w_re = _recompute(heads, weight, hiddens, ups, ctx.lse, sizes, need_x, need_w)
+            for k in range(n_heads):
+                if grad_x_re[k] is not None:
+                    grads_h[k] = grad_x_re[k].view(hiddens[k].shape)
+            if grad_w_re is not None:
+                grad_w = grad_w_re
+        if produced_w and main_grad is not None:
             grad_w = _main_grad_return(weight)
         return (None, grad_w, *grads_h)
+
+
+def _common_factor(heads: _Heads, ups) -> Optional[torch.Tensor]:
+    """c with ups[k][t] == c * weights[k] * upstream[k][t] on every valid token (8 ulp), else None.
+
+    One host sync (the check's verdict)."""
+    expect, got = [], []
+    for k, g in enumerate(ups):
+        e = heads.upstream[k] * heads.weights[k]
+        expect.append(e)
+        got.append(g if g is not None else torch.zeros_like(e))
+    e, g = torch.cat(expect), torch.cat(got)
+    on = torch.cat(heads.valid) != 0
+    e, g = torch.where(on, e, torch.zeros_like(e)), torch.where(on, g, torch.zeros_like(g))
+    c = (g * e).sum() / (e * e).sum().clamp_min(torch.finfo(e.dtype).tiny)
+    tol = 8 * torch.finfo(g.dtype).eps
+    ok = torch.isfinite(c) & ((g - c * e).abs() <= tol * (c * e).abs()).all()
+    return c if bool(ok) else None
+
+
+def _recompute(heads, weight, hiddens, ups, lse_all, sizes, need_x, need_w):
+    """Exact gradients for any upstream (the unfused backward, chunked): per chunk, logits GEMM,
+    softmax - onehot scaled by the upstream, hidden-grad GEMM and / or weight-grad GEMM (into
+    ``main_grad`` when set). Returns (hidden grads per head or None, weight grad or None)."""
+    vocab, h = weight.shape
+    vocab_start = heads.rank * vocab
+    kern = _kernel(heads, weight)
+    main_grad = heads.main_grad
+    acc = None
+    if need_w:
+        acc = main_grad if main_grad is not None else torch.zeros(
+            vocab, h, dtype=_acc_dtype(weight.dtype), device=weight.device)
+    chunk = max(1, min(heads.chunk_size or default_chunk_size(vocab, weight.dtype, max(sizes), True),
+                       max(sizes)))
+    buf = torch.empty(chunk * vocab, dtype=weight.dtype, device=weight.device)
+    gx: List[Optional[torch.Tensor]] = [None] * len(hiddens)
+    off = 0
+    for k, hid in enumerate(hiddens):
+        x = hid.reshape(-1, h)
+        n = sizes[k]
+        if ups[k] is not None and (need_w or need_x[k]):
+            gx[k] = torch.empty_like(x) if need_x[k] else None
+            t_coef = (ups[k] * heads.valid[k] * heads.scales[k]).contiguous()
+            lse = lse_all[off:off + n]
+            p_coef = (t_coef * (1.0 + 2.0 * heads.z_loss * lse)).contiguous() if heads.z_loss else t_coef
+            for c0 in range(0, n, chunk):
+                c1 = min(c0 + chunk, n)
+                g = torch.mm(x[c0:c1], weight.t(), out=_tile(buf, c1 - c0, vocab))
+                _chunk_grad_inplace(kern, g, heads.labels[k][c0:c1], vocab_start, lse[c0:c1].contiguous(),
+                                    p_coef[c0:c1], t_coef[c0:c1])
+                if need_x[k]:
+                    torch.mm(g, weight, out=gx[k][c0:c1])
+                if need_w:
+                    _accumulate_mm(acc, g.t(), x[c0:c1])
+        off += n
+    del buf
+    if acc is None or main_grad is not None:
+        return gx, None
+    return gx, (acc if acc.dtype == weight.dtype else acc.to(weight.dtype))
 
 
 def _main_grad_return(weight: torch.Tensor) -> Optional[torch.Tensor]:
@@ -376,19 +452,20 @@ def _main_grad_return(weight: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------ public API -----------------
-def _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, chunk_size,
-             vocab_chunk_size, z_loss_weight, scales, accumulate_into_main_grad, use_kernels) -> _Heads:
+def _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, chunk_size, z_loss_weight,
+             scales, upstream_weights, accumulate_into_main_grad, use_kernels) -> _Heads:
     if len(hiddens) != len(labels_list):
         raise ValueError(f"{len(hiddens)} hidden states but {len(labels_list)} label tensors")
     if weight.dim() != 2:
         raise ValueError(f"weight must be [vocab/tp, hidden], got {tuple(weight.shape)}")
-    loss_masks = list(loss_masks) if loss_masks is not None else [None] * len(hiddens)
-    scales = list(scales) if scales is not None else [1.0] * len(hiddens)
-    if len(loss_masks) != len(hiddens) or len(scales) != len(hiddens):
-        raise ValueError("loss_masks and scales need one entry per head")
-    for name, val in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
-        if val is not None and val < 1:
-            raise ValueError(f"{name} must be >= 1, got {val}")
+    n = len(hiddens)
+    loss_masks = list(loss_masks) if loss_masks is not None else [None] * n
+    scales = list(scales) if scales is not None else [1.0] * n
+    upstream_weights = list(upstream_weights) if upstream_weights is not None else [1.0] * n
+    if len(loss_masks) != n or len(scales) != n or len(upstream_weights) != n:
+        raise ValueError("loss_masks, scales and upstream_weights need one entry per head")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     main_grad = None
     if accumulate_into_main_grad:
         main_grad = getattr(weight, "main_grad", None)
@@ -396,8 +473,8 @@ def _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, c
             raise ValueError("accumulate_into_main_grad needs weight.main_grad shaped like weight")
     rank, world = _tp_info(tp_group)
     sdt = _stat_dtype(weight)
-    labels, valid = [], []
-    for x, lab, mask in zip(hiddens, labels_list, loss_masks):
+    labels, valid, upstream, weights = [], [], [], []
+    for x, lab, mask, w in zip(hiddens, labels_list, loss_masks, upstream_weights):
         if x.dim() != 3 or x.shape[-1] != weight.shape[1]:
             raise ValueError(f"hidden must be [s, b, {weight.shape[1]}], got {tuple(x.shape)}")
         if x.dtype != weight.dtype:
@@ -406,14 +483,20 @@ def _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, c
             raise ValueError(f"labels must be [b, s] = {(x.shape[1], x.shape[0])}, got {tuple(lab.shape)}")
         lab_sb = lab.t().reshape(-1).to(device=weight.device, dtype=torch.long).contiguous()
         ok = lab_sb != ignore_index
+        up = ok.to(sdt)
         if mask is not None:
             if tuple(mask.shape) != tuple(lab.shape):
                 raise ValueError(f"loss_mask must be [b, s] like labels, got {tuple(mask.shape)}")
-            ok = ok & (mask.t().reshape(-1).to(lab_sb.device) != 0)
+            m = mask.t().reshape(-1).to(device=weight.device, dtype=sdt)
+            ok = ok & (m != 0)
+            up = torch.where(ok, m, torch.zeros_like(m))
         labels.append(lab_sb)
         valid.append(ok.to(sdt))
-    return _Heads(labels, valid, [float(s) for s in scales], rank, world, tp_group, chunk_size,
-                  vocab_chunk_size, float(z_loss_weight), use_kernels, main_grad)
+        upstream.append(up.contiguous())
+        weights.append(w.to(device=weight.device, dtype=sdt) if isinstance(w, torch.Tensor) else float(w))
+    need_grads = torch.is_grad_enabled() and (weight.requires_grad or any(x.requires_grad for x in hiddens))
+    return _Heads(labels, valid, upstream, [float(s) for s in scales], weights, rank, world, tp_group,
+                  chunk_size, float(z_loss_weight), use_kernels, main_grad, need_grads)
 
 
 def fused_mtp_cross_entropy(
@@ -427,15 +510,20 @@ def fused_mtp_cross_entropy(
     chunk_size: Optional[int] = None,
     z_loss_weight: float = 0.0,
     scales: Optional[Sequence[float]] = None,
-    vocab_chunk_size: Optional[int] = None,
+    upstream_weights: Optional[Sequence[Number]] = None,
     accumulate_into_main_grad: bool = False,
     _use_kernels: bool = True,
 ) -> List[torch.Tensor]:
-    """Per-token losses ``[b, s]`` of every head (main + MTP heads) in one autograd op."""
+    """Per-token losses ``[b, s]`` of every head (main + MTP heads) in one autograd op.
+
+    ``upstream_weights[k]`` (float or 0-dim tensor, default 1): head k's share of the upstream
+    gradient the caller will send, which is expected to be ``c * upstream_weights[k] * loss_mask_k``
+    per token for one scalar c unknown until backward (e.g. ``1 / num_tokens`` for a masked mean).
+    Any other upstream is still exact, at the cost of recomputing the weight gradient."""
     if len(hiddens) == 0:
         return []
     heads = _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, chunk_size,
-                     vocab_chunk_size, z_loss_weight, scales, accumulate_into_main_grad, _use_kernels)
+                     z_loss_weight, scales, upstream_weights, accumulate_into_main_grad, _use_kernels)
     return list(_FusedLinearCrossEntropy.apply(heads, weight, *hiddens))
 
 
@@ -450,14 +538,14 @@ def fused_linear_cross_entropy(
     chunk_size: Optional[int] = None,
     z_loss_weight: float = 0.0,
     scale: float = 1.0,
-    vocab_chunk_size: Optional[int] = None,
+    upstream_weight: Number = 1.0,
     accumulate_into_main_grad: bool = False,
 ) -> torch.Tensor:
     """Per-token loss ``[b, s]`` of one head (see the module docstring)."""
     return fused_mtp_cross_entropy([hidden], weight, [labels], loss_masks=[loss_mask],
                                    ignore_index=ignore_index, tp_group=tp_group, chunk_size=chunk_size,
                                    z_loss_weight=z_loss_weight, scales=[scale],
-                                   vocab_chunk_size=vocab_chunk_size,
+                                   upstream_weights=[upstream_weight],
                                    accumulate_into_main_grad=accumulate_into_main_grad)[0]
 
 
