@@ -46,22 +46,26 @@ setup(
     version="0.1.0",
     description="Megatron-style 3D-parallel pretraining of the Tri LLM family on megatron-core",
     packages=find_packages(include=["tri_megatron", "tri_megatron.*"]),
-    python_requires=">=3.10",
+    # Ranges are the ones CI tests: the lock (constraints.txt) holds one end, .ci/constraints-ends.txt the
+    # other (see .ci/run). Wide where a cluster's container decides the version (torch, megatron-core):
+    # installing tri_megatron must never replace those.
+    python_requires=">=3.11",
     install_requires=[
-        "torch>=2.6,<2.15",
-        "megatron-core>=0.16,<0.17",
-        "numpy",
+        "torch>=2.6",  # megatron-core's own floor; CI runs 2.13 (CPU), tools/gpu_check.py the GPU node's
+        "megatron-core>=0.16,<0.20",  # CI: 0.16.1 (lock) and 0.19.0 (ends)
+        "numpy>=1.26",
         "pybind11>=2.12",
-        "tensorboard",
-        "tokenizers>=0.19",
-        "safetensors",
-        "pyyaml",
+        "tensorboard>=2.16",
+        "tokenizers>=0.22,<0.24",  # CI: 0.23.3 (lock), 0.22.x (ends, with transformers 4.57)
+        "safetensors>=0.4.3",
+        "pyyaml>=6",
         "tqdm",
-        "psutil",  # dist_checkpointing's writer needs it
+        "psutil>=5.9",  # dist_checkpointing's writer needs it
     ],
     extras_require={
-        "hf": ["transformers>=4.45"],
-        "test": ["pytest", "transformers>=4.45"],
+        # CI: 5.24.0 (lock) and 4.57.6 (ends); the KV-cache API of the export's modeling code is version-specific
+        "hf": ["transformers>=4.57,<5.25"],
+        "test": ["pytest>=8", "transformers>=4.57,<5.25"],
         # Optional engines; never required. (Never `pip install apex`: that name is another package.)
         "te": ["transformer-engine[pytorch]"],
     },

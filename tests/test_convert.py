@@ -42,6 +42,14 @@ def _hf_files(d):
     return sorted(os.listdir(d))
 
 
+def _hf_says(what):
+    """Failure text for a check that depends on transformers' behaviour (the version it was verified with)."""
+    import transformers
+
+    return (f"{what} with transformers {transformers.__version__} (verified with transformers 4.57.6 and 5.24.0; "
+            f"a transformers release may have changed its cache or loading API)")
+
+
 def _greedy_both(ckpt, hf_dir, vocab):
     from tri_megatron.convert.megatron_ckpt import read_checkpoint_meta, resolve_checkpoint
     from tri_megatron.convert.megatron_runtime import load_tp1_model, megatron_greedy
@@ -86,7 +94,7 @@ def test_tri_features_export_parity_generate_and_bitexact_roundtrip(ckpts, tmp_p
 
     # transformers' generate (KV cache, sliding-window cache layers) == the project's own greedy forward
     ours, theirs = _greedy_both(ckpts["features"], hf, 1000)
-    assert torch.equal(ours, theirs), (ours, theirs)
+    assert torch.equal(ours, theirs), _hf_says(f"cached generate differs from our greedy forward: {ours} {theirs}")
 
     # --drop-mtp: the same model without the MTP module
     nomtp = str(tmp_path / "nomtp")
@@ -129,11 +137,11 @@ def test_plain_export_is_standard_llama_with_parity_and_generate(ckpts, tmp_path
     cfg = json.load(open(os.path.join(hf, "config.json")))
     assert cfg["model_type"] == "llama" and "auto_map" not in cfg
     model = AutoModelForCausalLM.from_pretrained(hf)  # no trust_remote_code
-    assert isinstance(model, LlamaForCausalLM)
+    assert isinstance(model, LlamaForCausalLM), _hf_says(f"the export loaded as {type(model).__name__}")
     result = check_parity(ckpts["plain"], hf, TOL, seq_len=64)
     assert result["max_abs_diff"] <= TOL and result["logit_scale"] > 1.0
     ours, theirs = _greedy_both(ckpts["plain"], hf, 1024)
-    assert torch.equal(ours, theirs), (ours, theirs)
+    assert torch.equal(ours, theirs), _hf_says(f"Llama generate differs from our greedy forward: {ours} {theirs}")
 
 
 def _trillion_source(d):

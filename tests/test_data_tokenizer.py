@@ -15,15 +15,20 @@ def _report(path):
 def test_tokenizer_loads_in_transformers_and_round_trips(tokenizer_dir):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    import tokenizers
+    import transformers
+
+    why = (f"with transformers {transformers.__version__} / tokenizers {tokenizers.__version__} (verified with "
+           f"transformers 5.24.0 / tokenizers 0.23.3 and transformers 4.57.6 / tokenizers 0.22.2)")
     fast = PreTrainedTokenizerFast(tokenizer_file=os.path.join(tokenizer_dir, "tokenizer.json"))
     auto = AutoTokenizer.from_pretrained(tokenizer_dir)  # local directory: no download
-    assert len(fast) == len(auto) == 700
-    assert auto.eos_token == "<|endoftext|>" and auto.pad_token == "<|pad|>"
+    assert len(fast) == len(auto) == 700, why
+    assert auto.eos_token == "<|endoftext|>" and auto.pad_token == "<|pad|>", why
     for text in ["학생은 도서관에서 책을 읽었습니다.", "猫は公園で写真を撮りました。", "def f(x):\n    return x * 2\n",
                  "Solve 3x + 7 = 22. Answer: x = 5", "emoji 🙂 and unseen 中文 text ÿ"]:
         ids = fast.encode(text)
-        assert auto.encode(text) == ids
-        assert fast.decode(ids) == text  # byte-level: lossless on any text
+        assert auto.encode(text) == ids, why
+        assert fast.decode(ids) == text, why  # byte-level: lossless on any text
 
 
 def test_quota_shares_are_met_and_fertility_is_reported(tokenizer_dir):

@@ -15,36 +15,28 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.multi_token_prediction import (
-    MTPLossAutoScaler,
-    MTPLossLoggingHelper,
-    roll_tensor,
-)
+from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, roll_tensor
 
+from tri_megatron.mcore_internals import mtp_block_inputs, record_mtp_loss
 from tri_megatron.ops.fused_cross_entropy import fused_mtp_cross_entropy
 
 
 class FusedLossGPTModel(GPTModel):
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos,
-                     rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None, decoder_input=None,
-                     attention_mask=None, inference_params=None, packed_seq_params=None,
-                     sequence_len_offset=None, runtime_gather_output=None, extra_block_kwargs=None,
-                     inference_context=None):
-        if labels is None or inference_context is not None or not self.post_process:
+                     rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None, **kwargs):
+        # megatron-core adds keyword arguments to _postprocess between releases (0.19: padding_mask,
+        # output_processor...): the ones we do not use pass through untouched (see mcore_internals).
+        if labels is None or kwargs.get("inference_context") is not None or not self.post_process:
             return super()._postprocess(
                 hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
-                mtp_in_postprocess=mtp_in_postprocess, loss_mask=loss_mask, decoder_input=decoder_input,
-                attention_mask=attention_mask, inference_params=inference_params,
-                packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
-                runtime_gather_output=runtime_gather_output, extra_block_kwargs=extra_block_kwargs,
-                inference_context=inference_context)
+                mtp_in_postprocess=mtp_in_postprocess, loss_mask=loss_mask, **kwargs)
 
+        packed_seq_params = kwargs.get("packed_seq_params")
         if mtp_in_postprocess:
-            hidden_states = self.mtp(
-                input_ids=input_ids, position_ids=position_ids, hidden_states=hidden_states,
-                attention_mask=attention_mask, inference_params=inference_params, rotary_pos_emb=rotary_pos_emb,
-                rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin, packed_seq_params=packed_seq_params,
-                sequence_len_offset=sequence_len_offset, embedding=self.embedding, **(extra_block_kwargs or {}))
+            hidden_states = self.mtp(**mtp_block_inputs(
+                kwargs, input_ids=input_ids, position_ids=position_ids, hidden_states=hidden_states,
+                rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+                embedding=self.embedding))
 
         weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
                   else self.output_layer.weight)
@@ -90,9 +82,8 @@ class FusedLossGPTModel(GPTModel):
         for i in range(depth):
             mtp_loss = masks[i + 1] * losses[i + 1]
             if self.training:
-                MTPLossLoggingHelper.save_loss_to_tracker(
-                    torch.sum(mtp_loss) / token_counts[i], i, depth,
-                    avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+                record_mtp_loss(torch.sum(mtp_loss) / token_counts[i], i, depth,
+                                avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
             scale = self.config.mtp_loss_scaling_factor / depth
             if self.config.calculate_per_token_loss:
                 main_loss = MTPLossAutoScaler.apply(main_loss, scale * mtp_loss)

@@ -265,7 +265,6 @@ class ProxyRunner:
             forward_only=False,
         )
         self.optimizer.step()
-        from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+        from tri_megatron.mcore_internals import clear_mtp_tracker
 
-        if "values" in MTPLossLoggingHelper.tracker:  # MTP losses are logged by nobody here
-            MTPLossLoggingHelper.clean_loss_in_tracker()
+        clear_mtp_tracker()  # MTP losses are logged by nobody here

@@ -30,6 +30,16 @@ except ImportError:  # pragma: no cover - very old transformers
     DynamicCache = None
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# transformers >= 5.24 passes and returns the KV cache as ``cache``; older releases as ``past_key_values``.
+# Forward accepts both names and the outputs use the field the installed release declares.
+_CACHE_FIELD = "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def _given_cache(past_key_values, kwargs):
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache as either `cache` or `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 class TriRMSNorm(nn.Module):
@@ -219,6 +229,7 @@ class TriModel(TriPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
+        past_key_values = _given_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -236,7 +247,7 @@ class TriModel(TriPreTrainedModel):
         for layer in self.layers[: self.config.num_hidden_layers]:
             x = layer(x, position_ids, cos, sin, past_key_values, past_len, attention_mask)
         x = self.norm(x)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: past_key_values if use_cache else None})
 
 
 class TriForCausalLM(TriPreTrainedModel, GenerationMixin):
@@ -266,6 +277,7 @@ class TriForCausalLM(TriPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        past_key_values = _given_cache(past_key_values, kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
         hidden = out.last_hidden_state
@@ -276,7 +288,7 @@ class TriForCausalLM(TriPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
 
     @torch.no_grad()
     def mtp_logits(self, input_ids):
