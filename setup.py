@@ -24,22 +24,73 @@ if data_sources:
     )
     cmdclass["build_ext"] = build_ext
 
-kernel_sources = sorted(glob.glob("csrc/kernels/*.cpp") + glob.glob("csrc/kernels/*.cu"))
-if kernel_sources and os.environ.get("TRI_SKIP_CUDA_BUILD") != "1":
+# ---- CUDA kernels (csrc/kernels -> tri_megatron._cuda_kernels); needs a CUDA torch + nvcc, no GPU ----
+def _cuda_kernel_build():
+    """(CUDAExtension, BuildExtension) for the Tri kernels, or None when they are not compiled now (no
+    CUDA torch, no nvcc, TRI_SKIP_CUDA_BUILD=1: then they JIT-build at first GPU use, or the PyTorch
+    references run). A CUDA_HOME that is not a toolkit (no bin/nvcc or headers) stops the install with exit code 2. Without
+    TORCH_CUDA_ARCH_LIST the arch list is sm_90, sm_100 where nvcc knows it, and the visible GPUs."""
+    import importlib.util
+    import sys
+
+    sources = sorted(glob.glob("csrc/kernels/*.cpp") + glob.glob("csrc/kernels/*.cu"))
+    if not sources or os.environ.get("TRI_SKIP_CUDA_BUILD") == "1":
+        return None
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:  # torch absent at build time: kernels are JIT-loaded later
-        torch = None
-    if torch is not None and torch.version.cuda and CUDA_HOME:
-        ext_modules.append(
-            CUDAExtension(
-                "tri_megatron._cuda_kernels",
-                kernel_sources,
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
-            )
-        )
-        cmdclass["build_ext"] = BuildExtension
+        return None
+    if not torch.version.cuda:
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("_tri_cuda_build", os.path.join(here, "tri_megatron", "ops", "_cuda_build.py"))
+    cuda_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_build)
+    try:
+        home = cuda_build.resolve_cuda_home()
+    except cuda_build.CudaHomeError as exc:
+        sys.stderr.write(f"setup.py: {exc}\n")
+        sys.exit(2)
+    if home is None:
+        print("setup.py: torch is a CUDA build but no nvcc was found (CUDA_HOME, PATH, /usr/local/cuda): the "
+              "CUDA kernels are not compiled now (JIT-built at first GPU use where nvcc is, else PyTorch references)")
+        return None
+    os.environ["CUDA_HOME"] = home
+    from torch.utils import cpp_extension
+
+    cpp_extension.CUDA_HOME = home  # torch guessed it at import, e.g. /usr/local from a /usr/local/bin/nvcc wrapper
+    nvcc_flags = ["-O3", "--use_fast_math"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        visible = [a * 10 + b for a, b in map(torch.cuda.get_device_capability, range(torch.cuda.device_count()))]
+        flags, archs = cuda_build.default_arch_flags(os.path.join(home, "bin", "nvcc"), visible)
+        nvcc_flags += flags
+        print(f"setup.py: TORCH_CUDA_ARCH_LIST unset: compiling the CUDA kernels for "
+              f"{', '.join(f'sm_{a}' for a in archs)} (+PTX) with {home}/bin/nvcc")
+    ext = cpp_extension.CUDAExtension("tri_megatron._cuda_kernels", sources,
+                                      extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags})
+    return ext, cpp_extension.BuildExtension
+
+
+from setuptools.command.build_py import build_py as _build_py  # noqa: E402
+
+
+class _BuildPyWithKernelSources(_build_py):
+    """Also ships csrc/kernels as tri_megatron/_csrc/kernels, for the JIT build of a non-editable install."""
+
+    def run(self):
+        super().run()
+        dst = os.path.join(self.build_lib, "tri_megatron", "_csrc", "kernels")
+        os.makedirs(dst, exist_ok=True)
+        for src in sorted(glob.glob("csrc/kernels/*")):
+            if os.path.splitext(src)[1] in (".cu", ".cuh", ".cpp", ".h"):
+                self.copy_file(src, os.path.join(dst, os.path.basename(src)))
+
+
+cmdclass["build_py"] = _BuildPyWithKernelSources
+_kernel_build = _cuda_kernel_build()
+if _kernel_build is not None:
+    ext_modules.append(_kernel_build[0])
+    cmdclass["build_ext"] = _kernel_build[1]
 
 setup(
     name="tri_megatron",

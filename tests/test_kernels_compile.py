@@ -81,11 +81,12 @@ def test_sources_present_and_loader_builds_what_setup_builds():
 def test_loader_without_cuda_falls_back_to_references(monkeypatch):
     from tri_megatron.ops import _kernels
 
-    monkeypatch.setattr(_kernels, "_state", {"tried": False, "module": None, "error": None})
+    fresh = {"tried": False, "module": None, "error": None, "agreed": False}
+    monkeypatch.setattr(_kernels, "_state", dict(fresh))
     monkeypatch.setenv("TRI_DISABLE_CUDA_KERNELS", "1")
     assert _kernels.get_kernels() is None and not _kernels.kernels_available()
     if not torch.cuda.is_available():
-        monkeypatch.setattr(_kernels, "_state", {"tried": False, "module": None, "error": None})
+        monkeypatch.setattr(_kernels, "_state", dict(fresh))
         monkeypatch.delenv("TRI_DISABLE_CUDA_KERNELS")
         assert _kernels.use_kernels_for(torch.zeros(1)) is None  # CPU tensors never load kernels
         assert _kernels.get_kernels() is None  # a CPU-only torch neither imports nor JIT-builds

@@ -14,6 +14,7 @@ from megatron.core.transformer.module import Float16Module
 from tri_megatron.model.config import padded_vocab_size
 from tri_megatron.model.fused_loss import FusedLossGPTModel
 from tri_megatron.model.specs import tri_layer_spec, tri_mtp_block_spec
+from tri_megatron.ops._kernels import agree_on_kernels
 
 
 def use_fused_loss(args) -> bool:
@@ -29,6 +30,7 @@ def use_fused_loss(args) -> bool:
 
 
 def build_gpt_model(config, args, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None) -> GPTModel:
+    agree_on_kernels()  # one kernel decision for all ranks before any layer asks (a collective, first call only)
     layer_spec = tri_layer_spec(config, use_te)
     mtp_spec = tri_mtp_block_spec(config, layer_spec, use_te, vp_stage=vp_stage) if post_process else None
     model_cls = FusedLossGPTModel if use_fused_loss(args) else GPTModel
