@@ -1,20 +1,24 @@
 #!/usr/bin/env python
 """Benchmark the Tri kernels against the unfused paths they replace.
 
-1. Fused MTP loss (``tri_megatron.ops.fused_mtp_cross_entropy``) vs megatron-core's unfused path,
-   per head: output-layer GEMM (``torch.matmul``, what megatron's
-   ``linear_with_grad_accumulation_and_async_allreduce`` runs at one rank without gradient-accumulation
-   fusion) + ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy``. Tri-21B shapes: hidden
-   5,120, vocab 124,416 split by TP 1/2/4/8 (one rank's shard is benchmarked in one process), 8,192
-   tokens per micro-batch, MTP depth 1 and 2 (1 + D heads sharing the output weight). Megatron's
-   CE runs for real against a one-rank process group (its TP all-reduces are then no-ops on a
-   [tokens] vector, as are the fused op's).
+1. Fused MTP loss (``tri_megatron.ops.fused_mtp_cross_entropy``, gradients computed in its forward:
+   three GEMMs per token chunk) vs (a) megatron-core's unfused path, per head: output-layer GEMM
+   (``torch.matmul``, what megatron's ``linear_with_grad_accumulation_and_async_allreduce`` runs at
+   one rank without gradient-accumulation fusion) + ``megatron.core.tensor_parallel.
+   vocab_parallel_cross_entropy``, and (b) plain ``F.linear`` + ``F.cross_entropy`` -- same inputs,
+   same process, times interleaved. Default shapes: Tri-21B (hidden 5,120, vocab 124,416 split by TP
+   1/2/4/8, one rank's shard in one process, 8,192 tokens per micro-batch, MTP depth 1 and 2: 1 + D
+   heads sharing the output weight); ``--shape TOKENS,HIDDEN,VOCAB`` runs given shapes unscaled
+   instead. Megatron's CE runs for real against a one-rank process group (its TP all-reduces are then
+   no-ops on a [tokens] vector; the fused op's per-chunk ones too). Each row also gives the relative
+   gradient error (norm) of the fused op against both unfused paths.
 2. RoPE + query scale (``tri_megatron.ops.apply_rope_and_query_scale``) vs the unfused PyTorch ops:
    megatron's ``_apply_rotary_pos_emb_bshd`` on q and k, then the query factor multiply
    (``(q.float() * factor).to(dtype)``), for plain RoPE, RoPE+SSMax, RoPE+temperature and NoPE
    temperature-only, at Tri-21B attention shapes (32 q / 8 kv heads of dim 160 split by TP).
 
-Every case is timed forward + backward (median of ``--iters`` after ``--warmup``) and its peak memory
+Every case is timed forward + backward (median of ``--iters`` after ``--warmup``; the loss paths
+alternate within each repetition, as the machine may be shared) and its peak memory
 measured above the live inputs (the loss rows also give the ratio without the weight / hidden gradient
 outputs, which both paths produce alike and which dominate at high TP). Loss rows come in two
 gradient modes (``--grad-mode``): ``bare`` (the weight gradient is a plain ``.grad``) and ``ddp``
@@ -25,12 +29,14 @@ gradient modes (``--grad-mode``): ``bare`` (the weight gradient is a plain ``.gr
   less the buffers the CPU BLAS allocates and frees inside one GEMM (bf16 packing; cuBLAS keeps a
   persistent workspace instead). On CPU the sizes are divided by ``--scale`` (default 16 on CPU) in
   every dimension, and the fused op's tile budget by scale^2 (its minimum chunk rows by scale), so
-  the tiling (chunks per head, vocab slices) is that of the full-size run and the memory *ratio*
+  the tiling (chunks per head) is that of the full-size run and the memory *ratio*
   carries over; CPU times are the PyTorch reference path, not the CUDA kernels.
 
-Targets (H100): fused-loss peak memory <= 1/4 of unfused at no more time; RoPE+SSMax >= 2x faster than
-unfused. Usage: ``python tools/bench_kernels.py [--only loss|rope] [--tp 1 2 4 8] [--mtp 1 2]
-[--grad-mode bare ddp] [--scale N] [--iters N] [--json out.json]``.
+Targets (issue 14): fused/unfused time <= 0.85 and peak memory <= 1/4 in ddp mode on CPU (fp32,
+``--shape 4096,512,32768 --shape 2048,640,31104``), <= 0.9x the unfused time on an H100 at Tri-21B
+shapes; RoPE+SSMax >= 2x faster than unfused. Usage: ``python tools/bench_kernels.py [--only loss|rope]
+[--tp 1 2 4 8] [--mtp 1 2] [--grad-mode bare ddp] [--shape N,H,V ...] [--scale N] [--iters N]
+[--dtype float32|bfloat16] [--json out.json]``; the loss rows end with a markdown table.
 """
 
 from __future__ import annotations
@@ -81,6 +87,22 @@ def time_ms(step, device, iters, warmup) -> float:
             step()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def time_interleaved(steps: dict, device, iters, warmup) -> dict:
+    """Median ms of each step, the steps alternating within every repetition (rotating their order),
+    so slow phases of a shared machine hit all of them alike."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    _sync(device)
+    times = {name: [] for name in names}
+    for i in range(iters):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for name in order:
+            times[name].append(time_ms(steps[name], device, 1, 0))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_bytes(step, device, reset) -> int:
@@ -165,16 +187,28 @@ def megatron_vocab_parallel_ce(device):
 
 
 # ----------------------------------------------------------------------------------- loss bench ----
-def _bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_local):
-    """One (TP, MTP depth, gradient mode) row of the loss benchmark.
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
-    grad_mode ``bare``: the weight gradient is a plain ``.grad`` (no data parallelism).
-    grad_mode ``ddp``: the weight carries megatron DDP's fp32 ``main_grad`` (allocated before the step,
-    like DDP's gradient buffer) and the step ends with DDP's backward hook (``main_grad += grad`` unless
-    the op already accumulated into it); the fused op accumulates into ``main_grad`` as the model does
-    under DDP, the unfused path produces a ``.grad`` that the hook adds, as megatron-core does without
-    gradient-accumulation fusion.
+
+def _bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_local):
+    """One (shape, MTP depth, gradient mode) row of the loss benchmark: three paths, same inputs.
+
+    * ``megatron``: per head, the output-layer GEMM (``torch.matmul``) + megatron-core's
+      ``vocab_parallel_cross_entropy`` (the unfused path of the model);
+    * ``torch``: per head, ``F.linear`` + ``F.cross_entropy`` on fp32 logits;
+    * ``fused``: ``fused_mtp_cross_entropy`` over all heads.
+    The objective is the sum of all per-token losses (a unit upstream, which the fused op's default
+    ``upstream_weights`` declare, so it rescales its stored gradients). grad_mode ``bare``: the weight
+    gradient is a plain ``.grad``. ``ddp``: the weight carries megatron DDP's fp32 ``main_grad``
+    (allocated before the step, like DDP's gradient buffer) and the step ends with DDP's backward hook
+    (``main_grad += grad`` unless the op already accumulated into it); the fused op accumulates into
+    ``main_grad`` as the model does under DDP. Times are interleaved (the paths alternate within each
+    repetition) and the median is reported; gradients of the paths are compared (relative norm).
     """
+    import torch.nn.functional as F
+
     g = torch.Generator(device=device).manual_seed(0)
     weight = (torch.randn(v_local, h, device=device, generator=g) * 0.02).to(dtype).requires_grad_()
     hiddens = [torch.randn(n, 1, h, device=device, generator=g).to(dtype).requires_grad_()
@@ -196,11 +230,21 @@ def _bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_loc
             weight.grad = None
             weight.grad_added_to_main_grad = False
 
-    def unfused():
+    def megatron():
         clear()
         total = 0
         for x, lab in zip(hiddens, labels):  # output layer [s, b, V/tp] in the input dtype + megatron CE
             total = total + vce(torch.matmul(x, weight.t()), lab.t().contiguous()).sum()
+        total.backward()
+        ddp_hook()
+
+    def plain_torch():
+        clear()
+        total = 0
+        for x, lab in zip(hiddens, labels):
+            logits = F.linear(x, weight)
+            total = total + F.cross_entropy(logits.view(-1, v_local).float(), lab.t().reshape(-1),
+                                            reduction="none").sum()
         total.backward()
         ddp_hook()
 
@@ -210,39 +254,65 @@ def _bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_loc
         sum(l.sum() for l in losses).backward()
         ddp_hook()
 
-    plan = fce._backward_plan(vocab=v_local, hidden=h, elem=weight.element_size(), longest=n,
-                              x_rows=n * (1 + depth), fp32_acc=dtype != torch.float32 and not ddp,
-                              chunk_size=None, vocab_chunk_size=None)[0]
+    paths = {"unfused": megatron, "torch": plain_torch, "fused": fused}
     row = dict(bench="mtp_loss", tp=tp, mtp_depth=depth, grad_mode=grad_mode, tokens=n, hidden=h,
-               vocab_local=v_local, dtype=str(dtype).replace("torch.", ""), backward_plan=plan)
-    for name, step in (("unfused", unfused), ("fused", fused)):
-        row[f"{name}_ms"] = time_ms(step, device, args.iters, args.warmup)
+               vocab_local=v_local, dtype=str(dtype).replace("torch.", ""),
+               chunk_rows=fce.default_chunk_size(v_local, dtype, n, grads=True))
+    # gradients of each path (one step from zero), then the fused op's backward path
+    grads = {}
+    for name, step in paths.items():
+        if ddp:
+            weight.main_grad.zero_()
+        before = dict(fce.backward_path_counts)
+        step()
+        gw = (weight.main_grad if ddp else weight.grad).detach().clone()
+        grads[name] = [gw] + [x.grad.detach().clone() for x in hiddens]
+        if name == "fused":
+            row["fused_backward"] = ("stored" if fce.backward_path_counts["stored"] > before["stored"]
+                                     else "recomputed")
+        clear()
+    for a, b in (("fused", "torch"), ("fused", "unfused"), ("unfused", "torch")):
+        row[f"grad_rel_err_{a}_vs_{b}"] = max(_rel_err(x, y) for x, y in zip(grads[a], grads[b]))
+    del grads
+    for name, ms in time_interleaved(paths, device, args.iters, args.warmup).items():
+        row[f"{name}_ms"] = ms
+    for name, step in paths.items():
         row[f"{name}_peak_mib"] = peak_bytes(step, device, clear) / 2**20
         clear()
     # the gradient outputs (a weight-sized .grad -- megatron's dummy under DDP -- and the hidden grads)
-    # are the same in both paths; at high TP they are most of the fused peak, so report the peak
+    # are the same in all paths; at high TP they are most of the fused peak, so report the peak
     # without them as well
     grads_mib = sum(t.numel() * t.element_size() for t in (weight, *hiddens)) / 2**20
     row["grads_mib"] = grads_mib
-    row["time_ratio"] = row["fused_ms"] / row["unfused_ms"]
-    row["mem_ratio"] = row["fused_peak_mib"] / max(row["unfused_peak_mib"], 1e-9)
+    for base in ("unfused", "torch"):
+        sfx = "" if base == "unfused" else "_vs_torch"
+        row[f"time_ratio{sfx}"] = row["fused_ms"] / row[f"{base}_ms"]
+        row[f"mem_ratio{sfx}"] = row["fused_peak_mib"] / max(row[f"{base}_peak_mib"], 1e-9)
     row["mem_ratio_wo_grads"] = (max(row["fused_peak_mib"] - grads_mib, 0.0)
                                  / max(row["unfused_peak_mib"] - grads_mib, 1e-9))
-    print(f"loss  tp={tp} D={depth} {grad_mode:4s} [{plan:6s}] unfused {row['unfused_ms']:9.2f} ms "
-          f"{row['unfused_peak_mib']:10.1f} MiB | fused {row['fused_ms']:9.2f} ms "
-          f"{row['fused_peak_mib']:10.1f} MiB | time x{row['time_ratio']:.2f} "
-          f"mem x{row['mem_ratio']:.3f} (w/o the {grads_mib:.1f} MiB of grads "
-          f"x{row['mem_ratio_wo_grads']:.3f})", flush=True)
+    print(f"loss  n={n} h={h} v={v_local} D={depth} {grad_mode:4s} | megatron {row['unfused_ms']:9.1f} ms "
+          f"{row['unfused_peak_mib']:8.1f} MiB | torch {row['torch_ms']:9.1f} ms {row['torch_peak_mib']:8.1f} MiB"
+          f" | fused {row['fused_ms']:9.1f} ms {row['fused_peak_mib']:8.1f} MiB [{row['fused_backward']}] | "
+          f"time x{row['time_ratio']:.3f} (vs torch x{row['time_ratio_vs_torch']:.3f}) mem x{row['mem_ratio']:.3f} "
+          f"(vs torch x{row['mem_ratio_vs_torch']:.3f}) | grad rel err vs torch "
+          f"{row['grad_rel_err_fused_vs_torch']:.1e}, vs megatron {row['grad_rel_err_fused_vs_unfused']:.1e}",
+          flush=True)
     return row
 
 
 def bench_loss(args, device, dtype, scale):
     vce = megatron_vocab_parallel_ce(device)
-    h, n = TRI21B["hidden"] // scale, TRI21B["tokens"] // scale
     rows = []
-    saved_tile, saved_rows = fce.TILE_BYTES, fce._MIN_ACC_CHUNK_ROWS
+    if args.shape:  # explicit (tokens, hidden, vocab) shapes at full size, the library's default tiling
+        for n, h, v in args.shape:
+            for depth in args.mtp:
+                for grad_mode in args.grad_mode:
+                    rows.append(_bench_loss_case(args, device, dtype, vce, 1, depth, grad_mode, h, n, v))
+        return rows
+    h, n = TRI21B["hidden"] // scale, TRI21B["tokens"] // scale
+    saved_tile, saved_rows = fce.TILE_BYTES, fce._MIN_GRAD_CHUNK_ROWS
     fce.TILE_BYTES = max(1, saved_tile // (scale * scale))
-    fce._MIN_ACC_CHUNK_ROWS = max(1, saved_rows // scale)
+    fce._MIN_GRAD_CHUNK_ROWS = max(1, saved_rows // scale)
     try:
         for tp in args.tp:
             v_local = TRI21B["vocab"] // tp // scale
@@ -250,8 +320,22 @@ def bench_loss(args, device, dtype, scale):
                 for grad_mode in args.grad_mode:
                     rows.append(_bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_local))
     finally:
-        fce.TILE_BYTES, fce._MIN_ACC_CHUNK_ROWS = saved_tile, saved_rows
+        fce.TILE_BYTES, fce._MIN_GRAD_CHUNK_ROWS = saved_tile, saved_rows
     return rows
+
+
+def print_loss_table(rows):
+    """Markdown table of the loss rows (what BENCHMARKS.md quotes)."""
+    print("\n| tokens | hidden | vocab/tp | D | mode | megatron ms | torch ms | fused ms | fused/megatron time "
+          "| fused/torch time | megatron MiB | torch MiB | fused MiB | fused/megatron mem | fused/torch mem "
+          "| grad rel err vs torch | vs megatron |")
+    print("|" + "---|" * 17)
+    for r in rows:
+        print(f"| {r['tokens']} | {r['hidden']} | {r['vocab_local']} | {r['mtp_depth']} | {r['grad_mode']} "
+              f"| {r['unfused_ms']:.0f} | {r['torch_ms']:.0f} | {r['fused_ms']:.0f} | **{r['time_ratio']:.2f}** "
+              f"| {r['time_ratio_vs_torch']:.2f} | {r['unfused_peak_mib']:.0f} | {r['torch_peak_mib']:.0f} "
+              f"| {r['fused_peak_mib']:.0f} | **{r['mem_ratio']:.3f}** | {r['mem_ratio_vs_torch']:.3f} "
+              f"| {r['grad_rel_err_fused_vs_torch']:.1e} | {r['grad_rel_err_fused_vs_unfused']:.1e} |", flush=True)
 
 
 # ----------------------------------------------------------------------------------- rope bench ----
@@ -329,6 +413,14 @@ def bench_rope(args, device, dtype, scale):
 
 
 # ----------------------------------------------------------------------------------- main ----------
+def _shape(text: str) -> tuple:
+    try:
+        n, h, v = (int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape wants TOKENS,HIDDEN,VOCAB (three integers), got {text!r}")
+    return n, h, v
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["loss", "rope"], default=None)
@@ -343,13 +435,16 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--shape", type=_shape, action="append", default=None, metavar="TOKENS,HIDDEN,VOCAB",
+                   help="loss bench at this exact shape (one vocab shard, no scaling; repeatable) instead "
+                        "of the scaled Tri-21B TP sweep")
     p.add_argument("--json", default=None, help="write all rows to this JSON file")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     on_gpu = device.type == "cuda"
-    scale = args.scale or (1 if on_gpu else 16)
+    scale = 1 if args.shape else (args.scale or (1 if on_gpu else 16))
     args.iters = args.iters or (10 if on_gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
     torch.set_num_threads(args.threads)
@@ -363,7 +458,9 @@ def main(argv=None):
               "times do not reflect the CUDA kernels." % scale, flush=True)
     rows = []
     if args.only in (None, "loss"):
-        rows += bench_loss(args, device, dtype, scale)
+        loss_rows = bench_loss(args, device, dtype, scale)
+        print_loss_table(loss_rows)
+        rows += loss_rows
     if args.only in (None, "rope"):
         rows += bench_rope(args, device, dtype, scale)
     if args.json:

@@ -59,9 +59,12 @@ backward
 Without grad mode (evaluation, ``forward_only``) only GEMM 1 and the statistics run: no gradient is
 computed or stored. Extra memory held from forward to backward: the weight gradient ``G``
 (``V/tp x h``: fp32 for 16-bit weights when accumulating into an fp32 ``main_grad``, else the weight's
-dtype) and one hidden-gradient tensor per head (the size of that head's hidden states). The op also
-saves ``hidden`` and ``weight``, as megatron's output layer does. During the forward it also holds
-one logits tile and, for 16-bit weights, an fp32 G accumulator.
+dtype) and one hidden-gradient tensor per head (the size of that head's hidden states, which become
+the returned hidden gradients). Under megatron DDP the spent ``G`` buffer becomes the weight-shaped
+dummy gradient megatron's contract makes the op return, so G costs nothing beyond that dummy. The op
+also saves ``hidden`` and ``weight``, as megatron's output layer does. During the forward it also
+holds one logits tile (``TILE_BYTES``, at least 2,048 rows on a GPU) and, for 16-bit weights, an fp32
+G accumulator.
 
 Tensor parallelism: ``tp_group`` is the tensor-parallel process group (None or size 1: no
 communication). ``hidden`` must be the full sequence replicated on the TP ranks (as megatron's output
@@ -94,10 +97,12 @@ __all__ = ["fused_linear_cross_entropy", "fused_mtp_cross_entropy", "reference_m
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Byte budget of one logits tile (the default chunking); tools and tests may lower it to keep the
 # tiling structure of full-size runs at reduced sizes.
-TILE_BYTES = 128 * 2**20
+TILE_BYTES = 64 * 2**20
 # With gradients, every chunk re-reads and re-writes the whole [V/tp, h] weight-gradient accumulator
-# in its GEMM 3: chunks are at least this many token rows (or the whole head) so that stays cheap.
+# in its GEMM 3: on a GPU chunks are at least this many token rows (or the whole head), so that GEMM
+# stays compute-bound (2,048 rows: 512 FLOP per accumulator byte); a CPU needs far fewer.
 _MIN_GRAD_CHUNK_ROWS = 2048
+_MIN_GRAD_CHUNK_ROWS_CPU = 128
 # Row blocks of the PyTorch reference's elementwise work (kept in cache; the kernels have none).
 _REF_BLOCK_BYTES = 2 * 2**20
 
@@ -108,13 +113,15 @@ backward_path_counts = {"stored": 0, "recomputed": 0}
 Number = Union[float, torch.Tensor]
 
 
-def default_chunk_size(vocab_local: int, dtype: torch.dtype, rows: int, grads: bool = False) -> int:
-    """Token rows per chunk: a logits chunk of about ``TILE_BYTES`` (128 MiB), with gradients at least
-    ``_MIN_GRAD_CHUNK_ROWS``, in [1, rows]."""
+def default_chunk_size(vocab_local: int, dtype: torch.dtype, rows: int, grads: bool = False,
+                       device: Union[str, torch.device] = "cuda") -> int:
+    """Token rows per chunk: a logits chunk of about ``TILE_BYTES`` (64 MiB), with gradients at least
+    ``_MIN_GRAD_CHUNK_ROWS`` on a GPU (``_MIN_GRAD_CHUNK_ROWS_CPU`` on CPU), in [1, rows]."""
     elem = torch.empty((), dtype=dtype).element_size()
     chunk = TILE_BYTES // max(1, vocab_local * elem)
     if grads:
-        chunk = max(chunk, _MIN_GRAD_CHUNK_ROWS)
+        cpu = torch.device(device).type == "cpu"
+        chunk = max(chunk, _MIN_GRAD_CHUNK_ROWS_CPU if cpu else _MIN_GRAD_CHUNK_ROWS)
     return max(1, min(rows, chunk))
 
 
@@ -275,7 +282,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need_w = heads.need_grads and ctx.needs_input_grad[1]
         need_x = [heads.need_grads and ctx.needs_input_grad[2 + k] for k in range(len(xs))]
         grads = need_w or any(need_x)
-        chunk = max(1, min(heads.chunk_size or default_chunk_size(vocab, weight.dtype, max(sizes), grads),
+        chunk = max(1, min(heads.chunk_size or default_chunk_size(vocab, weight.dtype, max(sizes), grads, dev),
                            max(sizes)))
         buf = torch.empty(chunk * vocab, dtype=weight.dtype, device=dev)
         lse_all = torch.empty(sum(sizes), dtype=sdt, device=dev)
@@ -355,6 +362,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             del gx
             need_x = [False] * n_heads
         grad_w = None
+        dummy_storage = None
         produced_w = need_w  # a weight gradient exists (in main_grad, or returned)
         if grad_w_stored is not None and need_w:
             c = _common_factor(heads, ups)
@@ -368,6 +376,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     main_grad.addcmul_(grad_w_stored, scale)
                 else:
                     main_grad.add_(grad_w_stored.mul_(scale))
+                if main_grad is not None:  # its storage becomes megatron's dummy weight grad
+                    dummy_storage = grad_w_stored
         del grad_w_stored  # before anything weight-sized is allocated
         if need_w or any(need_x):
             backward_path_counts["recomputed"] += 1
@@ -378,7 +388,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if grad_w_re is not None:
                 grad_w = grad_w_re
         if produced_w and main_grad is not None:
-            grad_w = _main_grad_return(weight)
+            grad_w = _main_grad_return(weight, dummy_storage)
         return (None, grad_w, *grads_h)
 
 
@@ -412,8 +422,8 @@ def _recompute(heads, weight, hiddens, ups, lse_all, sizes, need_x, need_w):
     if need_w:
         acc = main_grad if main_grad is not None else torch.zeros(
             vocab, h, dtype=_acc_dtype(weight.dtype), device=weight.device)
-    chunk = max(1, min(heads.chunk_size or default_chunk_size(vocab, weight.dtype, max(sizes), True),
-                       max(sizes)))
+    chunk = max(1, min(heads.chunk_size or default_chunk_size(vocab, weight.dtype, max(sizes), True,
+                                                              weight.device), max(sizes)))
     buf = torch.empty(chunk * vocab, dtype=weight.dtype, device=weight.device)
     gx: List[Optional[torch.Tensor]] = [None] * len(hiddens)
     off = 0
@@ -441,12 +451,21 @@ def _recompute(heads, weight, hiddens, ups, lse_all, sizes, need_x, need_w):
     return gx, (acc if acc.dtype == weight.dtype else acc.to(weight.dtype))
 
 
-def _main_grad_return(weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """What megatron's linear layers return as weight grad after accumulating into ``main_grad``."""
+def _main_grad_return(weight: torch.Tensor, storage: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """What megatron's linear layers return as weight grad after accumulating into ``main_grad``: a
+    weight-shaped tensor DDP's hook skips (zeros when megatron sets ``zero_out_wgrad``), here made in
+    ``storage`` (the spent weight-gradient buffer, at least as many bytes) when given."""
     if not hasattr(weight, "grad_added_to_main_grad"):
         return None
-    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
-    dummy = make(weight.main_grad.shape, dtype=weight.dtype, device=weight.device, requires_grad=False)
+    if storage is not None and storage.is_contiguous() and \
+            storage.numel() * storage.element_size() >= weight.numel() * weight.element_size():
+        flat = storage.view(-1).view(torch.uint8)[: weight.numel() * weight.element_size()]
+        dummy = flat.view(weight.dtype).view(weight.shape)
+        if getattr(weight, "zero_out_wgrad", False):
+            dummy.zero_()
+    else:
+        make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+        dummy = make(weight.main_grad.shape, dtype=weight.dtype, device=weight.device, requires_grad=False)
     weight.grad_added_to_main_grad = True
     return dummy
 
