@@ -3,8 +3,8 @@
 
     torchrun --nproc_per_node N pretrain_tri.py --model tri-tiny --mock-data ...
 
-arguments -> validation (exit 2, nothing written) -> distributed init (gloo on CPU, NCCL on GPU)
--> model, data, optimizer -> training loop -> checkpoints and logs.
+arguments -> validation and the device decision (exit 2, nothing written) -> distributed init on the
+runtime's backend (NCCL on GPU, gloo on CPU) -> model, data, optimizer -> training loop -> checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -18,10 +18,23 @@ warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 from tri_megatron.arguments import ArgumentError, parse_args, validate_args, world_size_from_env
 
 
-def check_before_start(argv=None):
-    """Parse and validate everything checkable without processes or models; exit 2 on error."""
+def resolve_runtime(args):
+    """The run's one device decision (tri_megatron.runtime); ArgumentError when it cannot be honoured."""
+    from tri_megatron.runtime import DeviceError, resolve
+    from tri_megatron.training.distributed import launch_env
+
+    try:
+        return resolve(args.device, local_rank=launch_env()["local_rank"])
+    except DeviceError as e:
+        raise ArgumentError(f"{e} (rank {launch_env()['rank']})") from None
+
+
+def check_before_start(argv=None, with_runtime: bool = False):
+    """Parse and validate everything checkable without processes or models, and decide the device;
+    exit 2 on error. Returns args (and the runtime when with_runtime)."""
     args = parse_args(argv)
     try:
+        rt = resolve_runtime(args)
         validate_args(args, world_size_from_env())
         from tri_megatron.model.config import padded_vocab_size
 
@@ -40,7 +53,7 @@ def check_before_start(argv=None):
     except ArgumentError as e:
         print(f"pretrain_tri.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    return args
+    return (args, rt) if with_runtime else args
 
 
 def build_data(args, dp_rank: int, dp_size: int):
@@ -58,7 +71,7 @@ def build_data(args, dp_rank: int, dp_size: int):
 
 
 def main(argv=None) -> list:
-    args = check_before_start(argv)
+    args, rt = check_before_start(argv, with_runtime=True)
     from megatron.core import parallel_state
 
     from tri_megatron.convert.export_hook import make_on_save
@@ -69,15 +82,21 @@ def main(argv=None) -> list:
 
     # early, so a preemption notice that arrives while the model is built or loaded is not lost
     fault.install_exit_signal_handler(args, rank=launch_env()["rank"])
-    env = init_distributed(args)
+    from tri_megatron.runtime import DeviceError
+
+    try:
+        env = init_distributed(args, rt)
+    except DeviceError as e:  # the ranks decided differently: all of them stop here
+        print(f"pretrain_tri.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         data = build_data(args, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
-        trainer = Trainer(args)
+        trainer = Trainer(args, rt)
         logger = MetricsLogger(args, env["rank"])
         if env["rank"] == 0:
             print(f"tri_megatron: {args.model} | layout TP={args.tensor_model_parallel_size} "
                   f"PP={args.pipeline_model_parallel_size} VPP={args.virtual_pipeline_model_parallel_size or 1} "
-                  f"CP={args.context_parallel_size} DP={args.data_parallel_size} | "
+                  f"CP={args.context_parallel_size} DP={args.data_parallel_size} | {rt.describe()} | "
                   f"{'Transformer Engine' if trainer.use_te else 'local (torch SDPA)'} layers | "
                   f"starting at iteration {trainer.iteration}"
                   + (f" (auto-resumed from --save {args.save})" if args.auto_resume else ""), flush=True)

@@ -1,4 +1,12 @@
-"""Shared fixtures: tests import the helper in tests/launcher.py; megatron-core on CPU in-process."""
+"""Shared fixtures: tests import the helper in tests/launcher.py; megatron-core on CPU in-process.
+
+The virtual accelerator (tri_megatron/compat/virtual.py): every training process the tests launch
+(tests/launcher.py: parity, resume, conversion, SLURM, ...) runs with TRI_VIRTUAL_DEVICE=1, i.e.
+``--device auto`` resolves to a "cuda" device emulated in host memory that rejects host tensors, so the
+GPU code path (model and batches on the device, no use_cpu_initialization) is what CI exercises.
+``TRI_VIRTUAL_DEVICE=0 pytest ...`` runs them on the plain CPU path instead. In-process tests run on
+the plain CPU shim (``megatron_single_process``) unless they ask for ``virtual_device``.
+"""
 
 import os
 import sys
@@ -7,6 +15,14 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+os.environ.setdefault("TRI_VIRTUAL_DEVICE", "1")
+
+
+def pytest_report_header(config):
+    on = os.environ.get("TRI_VIRTUAL_DEVICE") == "1"
+    return f"tri_megatron: launched training runs on the {'virtual CUDA device' if on else 'plain CPU path'} " \
+           f"(TRI_VIRTUAL_DEVICE={os.environ.get('TRI_VIRTUAL_DEVICE')})"
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +45,20 @@ def megatron_single_process():
 
     model_parallel_cuda_manual_seed(1)
     yield
+
+
+@pytest.fixture
+def virtual_device(megatron_single_process):
+    """The virtual accelerator in this process for one test: "cuda" tensors are tracked and may not
+    meet host tensors. Yields the virtual runtime (tri_megatron.runtime.Runtime)."""
+    from tri_megatron.compat import virtual
+    from tri_megatron.runtime import Runtime
+
+    virtual.enable()
+    try:
+        yield Runtime("cuda", "gloo", virtual=True, reason="test")
+    finally:
+        virtual.disable()
 
 
 @pytest.fixture(params=["cuda", "emulated"])

@@ -1,4 +1,8 @@
-"""Test helper: run pretrain_tri.py under torchrun on CPU and read back its --log-json records."""
+"""Test helper: run pretrain_tri.py under torchrun on CPU and read back its --log-json records.
+
+The runs inherit TRI_VIRTUAL_DEVICE (tests/conftest.py sets it to 1 unless given): ``--device auto``
+then trains on the virtual accelerator. ``virtual=True/False`` forces one or the other for a run.
+"""
 
 from __future__ import annotations
 
@@ -22,10 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(nproc: int, args: list, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(nproc: int, args: list, check: bool = True, timeout: int = 600, virtual=None,
+        extra_env=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(var, None)
+    if virtual is not None:
+        env["TRI_VIRTUAL_DEVICE"] = "1" if virtual else "0"
+    env.update(extra_env or {})
     if nproc == 1:
         cmd = [sys.executable, PRETRAIN, *args]
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

@@ -4,13 +4,16 @@ megatron-core hard-codes CUDA in two ways: tensor factories with ``device="cuda"
 ``torch.cuda.current_device()`` and ``.cuda()`` calls, and direct calls into ``torch.cuda``
 (RNG state, synchronize, memory statistics). ``activate()`` redirects both to the CPU:
 
-* a ``TorchFunctionMode`` rewrites any CUDA ``device=`` argument of a torch call to ``cpu``;
-* ``torch.Tensor.cuda`` becomes a no-op and ``Tensor.type()`` names CPU tensors as CUDA ones;
+* a ``TorchFunctionMode`` rewrites any CUDA ``device=`` argument of a torch call to ``cpu`` and makes
+  ``Tensor.cuda`` a no-op; ``Tensor.type()`` names CPU tensors as CUDA ones;
 * a handful of ``torch.cuda`` functions get CPU stand-ins;
 * megatron's CUDA RNG tracker helpers use the CPU generator.
 
-It does nothing when CUDA is available, so a GPU run is never altered. Call it once, before
-megatron-core builds anything; it is idempotent.
+``activate(virtual=True)`` adds the virtual accelerator (``virtual.py``): what is sent to "cuda" is
+tracked and may not meet host tensors, so the CPU tests catch what a GPU would reject.
+
+Only the runtime (``tri_megatron.runtime``) decides to call it, and never where CUDA is usable, so a
+GPU run is never altered. Call it once, before megatron-core builds anything; it is idempotent.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import logging
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from tri_megatron.compat import virtual
 
 _ACTIVE = False
 
@@ -33,10 +38,21 @@ def _is_cuda_device(dev) -> bool:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites ``device=cuda...`` (and integer CUDA device indices) in torch calls to ``cpu``."""
+    """Rewrites ``device=cuda...`` (and integer CUDA device indices) in torch calls to ``cpu``;
+    in virtual mode hands the call to ``virtual.handle_function`` first."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.pin_memory:  # no pinned-memory allocator without CUDA
+            return args[0]
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
+        if virtual.enabled():
+            out = virtual.handle_function(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        if func is torch.Tensor.cuda:
+            return args[0]
         dev = kwargs.get("device")
         if dev is not None and (_is_cuda_device(dev) or isinstance(dev, int)):
             kwargs = dict(kwargs, device="cpu")
@@ -50,17 +66,29 @@ def cpu_mode_active() -> bool:
     return _ACTIVE
 
 
-def activate() -> bool:
-    """Install the CPU redirections if (and only if) CUDA is unavailable. Returns whether active."""
+def mode():
+    """None (not active: real CUDA or nothing set up), "cpu" or "virtual"."""
+    if not _ACTIVE:
+        return None
+    return "virtual" if virtual.enabled() else "cpu"
+
+
+def activate(virtual_device: bool = False) -> bool:
+    """Install the CPU redirections if (and only if) CUDA is unavailable. Returns whether active.
+
+    virtual_device: also switch on the virtual accelerator (see ``virtual.py``)."""
     global _ACTIVE
-    if _ACTIVE:
-        return True
     if torch.cuda.is_available():
         return False
+    if virtual_device:
+        virtual.enable()
+    if _ACTIVE:
+        return True
 
-    _CudaToCpuMode().__enter__()  # global for the process: megatron builds tensors everywhere
+    mode = _CudaToCpuMode()
+    mode.__enter__()  # global for the process: megatron builds tensors everywhere
+    _keep_mode_in_backward(mode)
 
-    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
     # megatron's optimizer asserts grad.type() == 'torch.cuda.FloatTensor' (and the bf16/half
     # variants): report CPU tensors under their CUDA type names when asked with no argument.
     _type = torch.Tensor.type
@@ -110,6 +138,28 @@ def activate() -> bool:
 
     _ACTIVE = True
     return True
+
+
+def _keep_mode_in_backward(mode) -> None:
+    """A function mode is popped while it handles a call, so ``torch.autograd.backward`` (which it
+    intercepts) would run every backward function -- megatron's autograd Functions allocate with
+    ``device=torch.cuda.current_device()`` there -- without the redirection. The autograd engine is
+    entered through ``_engine_run_backward``: put the mode back around it."""
+    import torch.autograd
+    import torch.autograd.graph
+
+    from torch.overrides import _get_current_function_mode_stack
+
+    run = torch.autograd.graph._engine_run_backward
+
+    def engine_run_backward_with_mode(*args, **kwargs):
+        if any(m is mode for m in _get_current_function_mode_stack()):
+            return run(*args, **kwargs)
+        with mode:
+            return run(*args, **kwargs)
+
+    torch.autograd.graph._engine_run_backward = engine_run_backward_with_mode
+    torch.autograd._engine_run_backward = engine_run_backward_with_mode
 
 
 class _NullStream:

@@ -9,8 +9,13 @@ elsewhere) before the attention kernel.
 ``SDPACoreAttention`` replaces megatron-core's unfused local ``DotProductAttention`` when
 Transformer Engine is absent: it calls ``torch.nn.functional.scaled_dot_product_attention`` (flash /
 memory-efficient kernels on GPU, GQA without materialising repeated K/V) and honours megatron's
-sliding-window settings. ``te_core_attention_with_query_scaling`` wraps TE's ``TEDotProductAttention``
-the same way.
+sliding-window settings. A sliding window is attended block by block: each block of queries meets only
+the keys its window reaches, with a mask of [block, block + window] -- never a dense [s, s] mask, whose
+O(s^2) memory (and the math backend it forces) was the cost at Tri-70B's 4,096 window. Under context
+parallelism (CP > 1) each rank all-gathers K and V over the CP group (megatron's "all_gather" CP
+scheme; the backward reduce-scatters their gradients) and attends its two load-balanced sequence
+chunks (chunks r and 2*CP-1-r, as ``get_batch_on_this_cp_rank`` cut them) at their true positions.
+``te_core_attention_with_query_scaling`` wraps TE's ``TEDotProductAttention`` the same way.
 
 The fused path is on when query scaling is enabled, and for plain RoPE when the CUDA kernel is built
 and TE (whose own fused RoPE megatron uses) is not.
@@ -24,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention, make_sharded_tensors_for_checkpoint
@@ -52,7 +58,9 @@ def fuse_rope_in_core_attention(config, query_scaling) -> bool:
         return False  # megatron's RoPE handles the CP sequence split
     if query_scaling is not None:
         return True
-    return torch.cuda.is_available() and not config.apply_rope_fusion and kernels_available()
+    from tri_megatron import runtime
+
+    return runtime.current().cuda_kernels and not config.apply_rope_fusion and kernels_available()
 
 
 class FusedRopeMixin:
@@ -106,15 +114,21 @@ def _query_scaling_sharded_state_dict(query_scaling, prefix, sharded_offsets):
 
 
 class SDPACoreAttention(FusedRopeMixin, MegatronModule):
-    """Causal (optionally sliding-window) attention through torch SDPA, megatron's core-attention API."""
+    """Causal (optionally sliding-window, optionally context-parallel) attention through torch SDPA,
+    megatron's core-attention API."""
+
+    # queries per block of the sliding-window path: the largest mask is [block, block + window - 1]
+    window_block = 1024
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("context parallelism needs Transformer Engine's attention (--transformer-impl transformer_engine)")
         tp = pg_collection.tp.size() if pg_collection is not None else parallel_state.get_tensor_model_parallel_world_size()
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+            self.cp_group = self.cp_group or parallel_state.get_context_parallel_group()
         self.layer_number = max(1, layer_number)
         self.num_heads = config.num_attention_heads // tp
         self.num_groups = config.num_query_groups // tp
@@ -127,10 +141,47 @@ class SDPACoreAttention(FusedRopeMixin, MegatronModule):
             self.window = config.window_size
         self._init_fused_rope(config, self.layer_number, self.num_heads)
 
-    def _window_mask(self, sq: int, sk: int, device) -> torch.Tensor:
-        i = torch.arange(sq, device=device)[:, None] + (sk - sq)
-        j = torch.arange(sk, device=device)[None, :]
-        return (j <= i + self.window[1]) & (j >= i - self.window[0])  # True = attend
+    def _sdpa(self, q, k, v, **kw):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p if self.training else 0.0,
+                                              scale=self.softmax_scale, enable_gqa=True, **kw)
+
+    def _span(self, q, k, v, q_start: int, k_start: int):
+        """q ([b, h, sq, d]) at positions q_start.. against k, v at positions k_start.., causal + window."""
+        qpos = torch.arange(q_start, q_start + q.shape[2], device=q.device)[:, None]
+        kpos = torch.arange(k_start, k_start + k.shape[2], device=q.device)[None, :]
+        left, right = self.window if self.window is not None else (None, 0)
+        allowed = kpos <= qpos + right
+        if left is not None:
+            allowed = allowed & (kpos >= qpos - left)
+        return self._sdpa(q, k, v, attn_mask=allowed)
+
+    def _attend(self, q, k, v, q_start: int):
+        """q [b, h, sq, d] at positions q_start..q_start+sq-1; k, v [b, g, sk, d] at positions 0..sk-1."""
+        sq, sk = q.shape[2], k.shape[2]
+        window = self.window
+        if window is not None and window[0] >= sk - 1 and window[1] == 0:
+            window = None  # the window reaches the whole sequence
+        if window is None:
+            if q_start == 0 and sq == sk:
+                return self._sdpa(q, k, v, is_causal=True)
+            end = q_start + sq
+            return self._span(q, k[:, :, :end], v[:, :, :end], q_start, 0)
+        left, right = window
+        outs = []
+        for b0 in range(0, sq, self.window_block):
+            qb = q[:, :, b0:b0 + self.window_block]
+            p0 = q_start + b0
+            k0, k1 = max(0, p0 - left), min(sk, p0 + qb.shape[2] + right)
+            outs.append(self._span(qb, k[:, :, k0:k1], v[:, :, k0:k1], p0, k0))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _gather_cp(self, x):
+        """[2L, b, g, d] (this rank's chunks r, 2cp-1-r) -> the whole sequence [2L*cp, b, g, d] in order."""
+        cp = self.cp_group.size()
+        full = gather_from_sequence_parallel_region(x, True, group=self.cp_group)  # rank-major
+        halves = full.view(cp, 2, x.shape[0] // 2, *x.shape[1:])
+        order = [halves[r, 0] for r in range(cp)] + [halves[r, 1] for r in reversed(range(cp))]
+        return torch.cat(order, dim=0)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -139,16 +190,15 @@ class SDPACoreAttention(FusedRopeMixin, MegatronModule):
         query, key = self._rope_and_scale(query, key, packed_seq_params)
         sq, b, _, d = query.shape
         q = query.permute(1, 2, 0, 3)  # [b, h, s, d]
-        k = key.permute(1, 2, 0, 3)
-        v = value.permute(1, 2, 0, 3)
-        dropout = self.dropout_p if self.training else 0.0
-        if self.window is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                                 scale=self.softmax_scale, enable_gqa=True)
+        if self.cp_group is None:
+            k, v = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
+            out = self._attend(q, k, v, k.shape[2] - sq)
         else:
-            mask = self._window_mask(sq, k.shape[2], q.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                 scale=self.softmax_scale, enable_gqa=True)
+            cp, r, half = self.cp_group.size(), self.cp_group.rank(), sq // 2
+            k = self._gather_cp(key).permute(1, 2, 0, 3)
+            v = self._gather_cp(value).permute(1, 2, 0, 3)
+            out = torch.cat([self._attend(q[:, :, :half], k, v, r * half),
+                             self._attend(q[:, :, half:], k, v, (2 * cp - 1 - r) * half)], dim=2)
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * d)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

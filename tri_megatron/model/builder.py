@@ -1,7 +1,8 @@
 """Builds the Tri model: megatron-core ``GPTModel`` chunks for this pipeline rank.
 
 ``build_model_chunks`` returns one ``GPTModel`` per virtual pipeline stage held by this rank (one
-without interleaving), each built from the Tri layer spec and, on the last stage, the MTP block.
+without interleaving), each built from the Tri layer spec and, on the last stage, the MTP block, and
+placed on the runtime's device (``tri_megatron.runtime``) before any wrapper sees it.
 """
 
 from __future__ import annotations
@@ -17,16 +18,15 @@ from tri_megatron.model.specs import tri_layer_spec, tri_mtp_block_spec
 from tri_megatron.ops._kernels import agree_on_kernels
 
 
-def use_fused_loss(args) -> bool:
+def use_fused_loss(args, rt=None) -> bool:
     """--fused-mtp-loss: on by default where the CUDA kernel is built, off otherwise (the PyTorch
     reference of the fused op can still be asked for explicitly, e.g. on CPU)."""
     if args.fused_mtp_loss is not None:
         return bool(args.fused_mtp_loss)
-    import torch
-
+    from tri_megatron import runtime
     from tri_megatron.ops import kernels_available
 
-    return torch.cuda.is_available() and kernels_available()
+    return (rt or runtime.current()).cuda_kernels and kernels_available()
 
 
 def build_gpt_model(config, args, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None) -> GPTModel:
@@ -50,8 +50,15 @@ def build_gpt_model(config, args, use_te: bool, pre_process: bool, post_process:
     )
 
 
-def build_model_chunks(config, args, use_te: bool) -> list:
-    """This rank's model chunks (parallel_state must be initialised)."""
+def build_model_chunks(config, args, use_te: bool, rt=None) -> list:
+    """This rank's model chunks on the runtime's device (parallel_state must be initialised).
+
+    On an accelerator megatron creates the weights there (config.use_cpu_initialization is False);
+    the move catches anything created on the host (buffers, Tri parameters) before DDP, which
+    allocates its grad buffers on the device and broadcasts the parameters."""
+    from tri_megatron import runtime
+
+    rt = rt or runtime.current()
     vpp = args.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
@@ -60,6 +67,8 @@ def build_model_chunks(config, args, use_te: bool) -> list:
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         model = build_gpt_model(config, args, use_te, pre, post, vp_stage=stage)
         model.model_type = ModelType.encoder_or_decoder
+        if rt.on_accelerator:
+            model.to(rt.device)
         if args.bf16:  # bf16 weights and activations, fp32 logits/loss, as Megatron-LM does
             model = Float16Module(config, model)
         chunks.append(model)

@@ -65,8 +65,12 @@ def megatron_wgrad_fusion_available() -> bool:
     return bool(getattr(layers, "_grad_accum_fusion_available", False))
 
 
-def transformer_config_from_args(args, use_te: bool) -> TriTransformerConfig:
-    cuda = torch.cuda.is_available()
+def transformer_config_from_args(args, use_te: bool, rt=None) -> TriTransformerConfig:
+    """The model config for args on runtime rt (default: the active one, tri_megatron.runtime)."""
+    from tri_megatron import runtime
+
+    rt = rt or runtime.current()
+    cuda = rt.cuda_kernels  # real CUDA: fused kernels exist
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     kwargs = dict(
         num_layers=args.num_layers,
@@ -91,15 +95,15 @@ def transformer_config_from_args(args, use_te: bool) -> TriTransformerConfig:
         sequence_parallel=args.sequence_parallel,
         context_parallel_size=args.context_parallel_size,
         pipeline_dtype=dtype,
-        # gloo matches point-to-point messages by order per peer; a batched exchange with the same
-        # rank as both pipeline neighbours (PP=2) would pair them wrongly, so send one by one.
-        batch_p2p_comm=cuda,
+        batch_p2p_comm=rt.batch_p2p_comm,  # NCCL only (see Runtime.batch_p2p_comm)
         params_dtype=dtype,
         bf16=args.bf16,
         autocast_dtype=dtype,
         calculate_per_token_loss=args.calculate_per_token_loss,
-        # layout-independent initialisation: the full weight is drawn then split across TP ranks.
-        use_cpu_initialization=True,
+        # On an accelerator the weights are created and initialised there (each TP rank draws its own
+        # shard from megatron's model-parallel RNG); on CPU megatron's CPU path draws the full weight
+        # then splits it. Parity across layouts is tested from one initial checkpoint either way.
+        use_cpu_initialization=not rt.on_accelerator,
         perform_initialization=True,
         # fusions: only where their kernels exist
         bias_activation_fusion=cuda,

@@ -8,6 +8,10 @@ Layout of a save directory::
 
 A checkpoint is written into a temporary directory and renamed into place only once every rank has
 finished, so a crash mid-save leaves the previous checkpoint as the latest.
+
+tri_meta.json records the runtime (device, backend, virtual) the checkpoint was written on. RNG states
+are restored only under the same layout *and* the same runtime: a CPU run's "CUDA" generator is the
+host generator (the CPU shim), so states never cross between CPU and GPU; the load says so.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
+from tri_megatron import runtime
 from tri_megatron.training import fault
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -99,12 +104,12 @@ def _model_sharded_state_dict(model: list) -> dict:
     return sd
 
 
-def _rng_state() -> dict:
+def _rng_state(rt) -> dict:
     return {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if rt.cuda_kernels else None,
         "tracker": get_cuda_rng_tracker().get_states(),
     }
 
@@ -164,7 +169,13 @@ def _torch_adam_step_passthrough(optimizer):
 _OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def save_checkpoint(root: str, iteration: int, model: list, optimizer, scheduler, consumed_samples: int, args) -> str:
+# Checkpoints from before the runtime was recorded were all written on CPU.
+_UNRECORDED_RUNTIME = {"device": "cpu", "backend": "gloo", "virtual": False}
+
+
+def save_checkpoint(root: str, iteration: int, model: list, optimizer, scheduler, consumed_samples: int, args,
+                    rt=None) -> str:
+    rt = rt or runtime.current()
     rank = dist.get_rank()
     final = iter_dir(root, iteration)
     tmp = final + ".tmp-save"
@@ -183,7 +194,7 @@ def save_checkpoint(root: str, iteration: int, model: list, optimizer, scheduler
     state["consumed_samples"] = consumed_samples
     dist_checkpointing.save(state, tmp)
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
+    torch.save(_rng_state(rt), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
     fault.hook_pause_in_save(tmp, iteration, rank)  # test hook TRI_TEST_PAUSE_IN_SAVE (tests/test_fault.py)
     dist.barrier()
     if rank == 0:
@@ -196,7 +207,8 @@ def save_checkpoint(root: str, iteration: int, model: list, optimizer, scheduler
                           norm_epsilon=args.norm_epsilon, max_position_embeddings=args.max_position_embeddings)
         with open(os.path.join(tmp, META), "w") as f:
             json.dump({"iteration": iteration, "consumed_samples": consumed_samples, "layout": _layout(args),
-                       "model": model_meta, "has_optimizer": "optimizer" in state}, f, indent=1)
+                       "runtime": rt.record(), "model": model_meta, "has_optimizer": "optimizer" in state},
+                      f, indent=1)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -208,12 +220,27 @@ def save_checkpoint(root: str, iteration: int, model: list, optimizer, scheduler
     return final
 
 
-def load_checkpoint(root: str, model: list, optimizer, scheduler, args) -> tuple:
+def rng_restorable(meta: dict, args, rt) -> tuple:
+    """(restore?, why not): RNG states are per rank and per device kind, so only the same layout on the
+    same runtime (device, backend, virtual) restores them."""
+    saved_rt = meta.get("runtime", _UNRECORDED_RUNTIME)
+    if saved_rt != rt.record():
+        return False, (f"the checkpoint was written on {saved_rt['device']}"
+                       f"{' (virtual)' if saved_rt.get('virtual') else ''}/{saved_rt['backend']} and this run is on "
+                       f"{rt.signature()}")
+    if meta["layout"] != _layout(args):
+        return False, None  # resharding: expected, not worth a line
+    return True, None
+
+
+def load_checkpoint(root: str, model: list, optimizer, scheduler, args, rt=None) -> tuple:
     """Load the newest complete checkpoint under root into model/optimizer/scheduler.
 
-    Returns (iteration, consumed_samples). The RNG state is restored only under the layout it was
-    saved with (it is per rank); resharded loads keep the freshly seeded RNG.
+    Returns (iteration, consumed_samples). The RNG state is restored only under the layout and the
+    runtime it was saved with (it is per rank and per device kind); other loads keep the freshly
+    seeded RNG, and a runtime change is stated on rank 0.
     """
+    rt = rt or runtime.current()
     path = find_latest_checkpoint(root)
     if path is None:
         raise FileNotFoundError(f"--load {root}: no complete checkpoint")
@@ -236,12 +263,16 @@ def load_checkpoint(root: str, model: list, optimizer, scheduler, args) -> tuple
     # A weights-only checkpoint (--no-save-optim) starts a fresh schedule from this run's flags.
     if scheduler is not None and load_optim and loaded.get("scheduler"):
         scheduler.load_state_dict(loaded["scheduler"])
-    if meta["layout"] == _layout(args):
+    restore, why_not = rng_restorable(meta, args, rt)
+    if why_not and dist.get_rank() == 0:
+        print(f"tri_megatron: --load {path}: RNG states not restored ({why_not}); continuing from this run's "
+              f"seeded RNG", flush=True)
+    if restore:
         rng = torch.load(os.path.join(path, "rng", f"rank{dist.get_rank():05d}.pt"), weights_only=False)
         random.setstate(rng["random"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
+        if rng["cuda"] is not None and rt.cuda_kernels:
             torch.cuda.set_rng_state(rng["cuda"])
         get_cuda_rng_tracker().set_states(rng["tracker"])
     return int(loaded["iteration"]), int(loaded["consumed_samples"])

@@ -1,4 +1,6 @@
-"""Process-group set-up: one code path for torchrun's and SLURM's variables, gloo on CPU, NCCL on GPU."""
+"""Process-group set-up: one code path for torchrun's and SLURM's variables; the backend is the
+runtime's (``tri_megatron.runtime``: NCCL on GPU, gloo on CPU and on the virtual device), agreed by
+all ranks through the rendezvous store before the group is built."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from tri_megatron import compat
+from tri_megatron import runtime as runtime_mod
 
 
 def launch_env(environ=None) -> dict:
@@ -84,21 +86,27 @@ def first_slurm_host(nodelist: str) -> str:
     return host + head
 
 
-def init_distributed(args) -> dict:
-    """Initialise torch.distributed and megatron-core's parallel state; seed every RNG."""
+def init_distributed(args, rt=None) -> dict:
+    """Initialise torch.distributed and megatron-core's parallel state on the runtime's device and
+    backend (``rt``: resolved from ``args.device`` when not given); seed every RNG.
+
+    Raises runtime.DeviceError when the device cannot be used or the ranks decided differently."""
     le = launch_env()
-    on_cpu = compat.activate()
-    if not on_cpu:
-        torch.cuda.set_device(le["local_rank"] % torch.cuda.device_count())
+    if rt is None:
+        rt = runtime_mod.resolve(getattr(args, "device", "auto"), local_rank=le["local_rank"])
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", le["master_addr"])
         os.environ.setdefault("MASTER_PORT", le["master_port"])
-        dist.init_process_group(
-            backend="gloo" if on_cpu else "nccl",
-            rank=le["rank"],
-            world_size=le["world_size"],
-            timeout=datetime.timedelta(minutes=30),
-        )
+        timeout = datetime.timedelta(minutes=30)
+        store, rank, world = next(dist.rendezvous("env://", le["rank"], le["world_size"], timeout=timeout))
+        store.set_timeout(timeout)
+        runtime_mod.agree(store, rt, rank, world)
+        runtime_mod.activate(rt)
+        dist.init_process_group(backend=rt.backend, store=dist.PrefixStore("default_pg", store),
+                                rank=rank, world_size=world, timeout=timeout)
+    else:
+        runtime_mod.activate(rt)
+    le["runtime"] = rt
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,

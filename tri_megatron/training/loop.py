@@ -1,7 +1,8 @@
 """The training loop on megatron-core's pipeline schedules.
 
-``setup`` builds model chunks (DDP-wrapped), optimizer and scheduler and loads a checkpoint;
-``train_step`` runs one global batch through ``get_forward_backward_func()`` (1F1B, interleaved
+``setup`` builds model chunks (DDP-wrapped) on the runtime's device, optimizer and scheduler and
+loads a checkpoint; every micro-batch is moved to that device (and, under context parallelism, cut to
+this rank's share of the sequence) before the model sees it; ``train_step`` runs one global batch through ``get_forward_backward_func()`` (1F1B, interleaved
 when VPP > 1, or no pipelining) and the optimizer; ``train`` loops, logs, evaluates and saves.
 """
 
@@ -16,8 +17,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+from megatron.core.utils import get_batch_on_this_cp_rank
 
+from tri_megatron.mcore_internals import clear_mtp_tracker, take_mtp_losses
+from tri_megatron import runtime
 from tri_megatron.model.builder import build_model_chunks
 from tri_megatron.model.config import transformer_config_from_args
 from tri_megatron.model.specs import use_transformer_engine
@@ -27,11 +30,12 @@ from tri_megatron.training.optimizer import build_optimizer, build_scheduler, wr
 
 
 class Trainer:
-    def __init__(self, args):
+    def __init__(self, args, rt=None):
         self.args = args
+        self.rt = rt or runtime.current()
         self.use_te = use_transformer_engine(args.transformer_impl)
-        self.config = transformer_config_from_args(args, self.use_te)
-        self.model = wrap_ddp(build_model_chunks(self.config, args, self.use_te), self.config, args)
+        self.config = transformer_config_from_args(args, self.use_te, self.rt)
+        self.model = wrap_ddp(build_model_chunks(self.config, args, self.use_te, self.rt), self.config, args)
         self.optimizer = build_optimizer(self.model, self.config, args)
         self.scheduler = build_scheduler(self.optimizer, args)
         self.iteration = 0
@@ -39,7 +43,7 @@ class Trainer:
         self.last_saved_iteration = None  # no need to save again what --save already holds
         if args.load:
             self.iteration, self.consumed_samples = checkpointing.load_checkpoint(
-                args.load, self.model, self.optimizer, self.scheduler, args)
+                args.load, self.model, self.optimizer, self.scheduler, args, self.rt)
             if args.save and os.path.realpath(args.load) == os.path.realpath(args.save):
                 self.last_saved_iteration = self.iteration
         self.exit_conditions = fault.ExitConditions(args)
@@ -59,8 +63,16 @@ class Trainer:
         num_tokens = mask.sum().to(torch.int)
         return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
+    def _device_batch(self, batch: dict) -> dict:
+        """The micro-batch on the runtime's device; under CP, this rank's two sequence chunks
+        (megatron's load-balanced split: chunks r and 2*CP-1-r of 2*CP)."""
+        batch = {k: v.to(self.rt.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if self.args.context_parallel_size > 1:
+            batch = get_batch_on_this_cp_rank(batch)
+        return batch
+
     def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        batch = self._device_batch(next(data_iterator))
         output = model(batch["tokens"], batch["position_ids"], None,
                        labels=batch["labels"], loss_mask=batch["loss_mask"])
         if self._poison:
@@ -92,15 +104,14 @@ class Trainer:
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for item in losses_reduced:
                 vec[:2] += item["lm loss"].double().cpu()
-            tracker = MTPLossLoggingHelper.tracker
-            if depth and "values" in tracker:
-                vec[2:2 + depth] = tracker["values"].double().cpu() / self.num_microbatches
+            mtp = take_mtp_losses() if depth else None
+            if mtp is not None:
+                vec[2:2 + depth] = mtp.double().cpu() / self.num_microbatches
                 vec[2 + depth] = 1.0
         vec[3 + depth] = nonfinite_grads
-        if depth and "values" in MTPLossLoggingHelper.tracker:
-            MTPLossLoggingHelper.clean_loss_in_tracker()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        vec = vec.to(device)
+        if depth:
+            clear_mtp_tracker()  # forward-only passes on other stages record nothing; keep it empty
+        vec = vec.to(self.rt.device)
         dist.all_reduce(vec)
         vec = vec.cpu()
         lm = (vec[0] / vec[1]).item() if vec[1] > 0 else float("nan")
@@ -160,12 +171,12 @@ class Trainer:
         for m in self.model:
             m.train()
         while self.iteration < args.train_iters:
-            if torch.cuda.is_available():
+            if self.rt.cuda_kernels:
                 torch.cuda.synchronize()
             lr = self.optimizer.param_groups[0]["lr"]
             t0 = time.time()
             out = self.train_step(it)
-            if torch.cuda.is_available():
+            if self.rt.cuda_kernels:
                 torch.cuda.synchronize()
             dt = time.time() - t0
             self.iteration += 1
@@ -188,7 +199,7 @@ class Trainer:
             }
             if out["nonfinite"]:
                 record["nonfinite"] = out["nonfinite"]
-            if torch.cuda.is_available():
+            if self.rt.cuda_kernels:
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             history.append(record)
             logger.iteration(record, console=self.iteration % args.log_interval == 0)
@@ -226,7 +237,7 @@ class Trainer:
 
     def save(self, on_save=None) -> str:
         path = checkpointing.save_checkpoint(self.args.save, self.iteration, self.model, self.optimizer,
-                                             self.scheduler, self.consumed_samples, self.args)
+                                             self.scheduler, self.consumed_samples, self.args, self.rt)
         self.last_saved_iteration = self.iteration
         if on_save:
             on_save(self.iteration, path)
