@@ -1,28 +1,26 @@
 """Hugging Face directory -> megatron-core distributed checkpoint (``convert_checkpoint.py --from-hf``).
 
-Checks the HF config and every tensor's shape here, then launches ``import_worker`` under torchrun
-with TP x PP processes (CPU, gloo). Each rank builds the Tri model at the target layout with the
-library's own builder, copies its tensor-parallel shards in from the safetensors files (read
-lazily), and ``training.checkpointing.save_checkpoint`` writes a weights-only checkpoint at
-iteration 0 ("has_optimizer": false) — exactly what ``pretrain_tri.py --load`` continues from.
-Padded vocabulary rows are filled with zeros. The checkpoint is written to a staging directory and
+Checks the HF config, every tensor's shape and the target layout here, then ``megatron_writer``
+writes a weights-only torch_dist checkpoint at iteration 0 ("has_optimizer": false) in this one
+process, chunk by chunk: megatron-core's own sharded state dict of the model (built on the meta
+device) says what is stored, each chunk is built from the HF tensors it needs (read one at a time)
+when the writer asks for it — host memory does not grow with the model. megatron-core loads it at
+any layout, so the target layout is what tri_meta.json records and the continue command states;
+it is exactly what ``pretrain_tri.py --load`` continues from. Padded vocabulary rows are zeros. The checkpoint is written to a staging directory and
 renamed into place when complete (and verified, with --verify); a failure writes nothing.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from typing import Optional
 
 from tri_megatron.convert.hf_config import meta_from_hf_config
 from tri_megatron.convert.hf_io import DTYPES, HFCheckpoint
-from tri_megatron.convert.mapping import ModelDims, expected_hf_shapes
+from tri_megatron.convert.mapping import ModelDims, expected_hf_shapes, hf_to_canonical
 from tri_megatron.convert.megatron_ckpt import CheckpointError
+from tri_megatron.convert.megatron_writer import write_checkpoint
 from tri_megatron.convert.to_hf import publish, staging_dir
 
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
@@ -70,33 +68,6 @@ def pretrain_flags(m: dict) -> str:
     return " ".join(flags)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_worker(job: dict, job_path: str, nproc: int, timeout: Optional[float] = None) -> None:
-    with open(job_path, "w") as f:
-        json.dump(job, f)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    for var in LAUNCH_VARS:
-        env.pop(var, None)
-    worker = [sys.executable, "-m", "tri_megatron.convert.import_worker", job_path]
-    if nproc == 1:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        cmd = worker
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), *worker[1:]]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        lines = (proc.stdout + proc.stderr).splitlines()
-        errors = [ln for ln in lines if "Error:" in ln and "ChildFailedError" not in ln]
-        raise RuntimeError(f"import worker failed (exit {proc.returncode}): " + (errors[0] if errors else "\n".join(lines[-30:])))
-
-
 def from_hf(hf_dir: str, out_dir: str, target_tp: int = 1, target_pp: int = 1, target_vpp: Optional[int] = None,
             dtype: Optional[str] = None, overwrite: bool = False, verify: bool = False, verify_tol: float = 1e-4,
             verify_seq_len: Optional[int] = None, log=print) -> dict:
@@ -124,10 +95,13 @@ def from_hf(hf_dir: str, out_dir: str, target_tp: int = 1, target_pp: int = 1, t
         raise CheckpointError(f"target layout TP={target_tp} PP={target_pp} VPP={target_vpp or 1}: {e}") from None
     tmp = staging_dir(out_dir, overwrite)
     try:
-        job = {"hf_dir": os.path.abspath(hf_dir), "save": tmp, "meta": m, "tp": target_tp, "pp": target_pp,
-               "vpp": target_vpp, "bf16": bf16, "tied": tied}
-        run_worker(job, os.path.join(tmp, "import_job.json"), target_tp * target_pp)
-        os.remove(os.path.join(tmp, "import_job.json"))
+        args = args_from_meta(m, target_tp, target_pp, target_vpp, bf16=bf16)
+        dims = ModelDims(m)
+
+        def get(name):  # a tied source has no lm_head: the output layer starts as the embedding
+            return hf.get("model.embed_tokens.weight" if name == "lm_head.weight" and tied else name)
+
+        write_checkpoint(tmp, args, lambda name: hf_to_canonical(name, get, dims))
         for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if os.path.isfile(os.path.join(hf_dir, fname)):
                 shutil.copyfile(os.path.join(hf_dir, fname), os.path.join(tmp, fname))

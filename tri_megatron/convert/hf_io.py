@@ -1,9 +1,12 @@
 """Hugging Face checkpoint files: a lazy safetensors reader, a sharded writer, tokenizer files.
 
 * ``HFCheckpoint``: config.json plus ``model.safetensors`` or sharded ``model-*.safetensors`` with
-  ``model.safetensors.index.json``; tensors are read one at a time (safe_open), shapes from headers.
-* ``ShardWriter``: writes ``model-0000k-of-0000N.safetensors`` shards of at most ``max_shard_size``
-  bytes and their ``model.safetensors.index.json`` (always an index, even for one shard).
+  ``model.safetensors.index.json``; tensors are read one at a time with plain reads, shapes from headers.
+* ``ShardWriter``: given the plan of every tensor (name, shape, dtype) first, writes
+  ``model-0000k-of-0000N.safetensors`` shards of at most ``max_shard_size`` bytes tensor by tensor
+  (headers up front, each tensor's bytes at its offset: memory independent of the shard size) and
+  their ``model.safetensors.index.json`` (always an index, even for one shard). The bytes are those
+  ``safetensors.torch.save_file`` writes (``safetensors_layout``).
 * ``find_tokenizer`` / ``copy_tokenizer``: tokenizer.json plus tokenizer_config.json (copied if it
   sits next to the tokenizer, otherwise written) and special_tokens_map.json when present.
 """
@@ -14,7 +17,8 @@ import json
 import os
 import re
 import shutil
-from typing import Dict, Optional
+import struct
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,10 +34,66 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_"))
 
 
-class HFCheckpoint:
-    def __init__(self, path: str):
-        from safetensors import safe_open
+# safetensors' dtype names, and the order its writer lays tensors out in (higher rank first, then by name)
+ST_DTYPES = {torch.bool: ("BOOL", 0), torch.uint8: ("U8", 1), torch.int8: ("I8", 2), torch.int16: ("I16", 5),
+             torch.float16: ("F16", 7), torch.bfloat16: ("BF16", 8), torch.int32: ("I32", 9),
+             torch.float32: ("F32", 11), torch.float64: ("F64", 12), torch.int64: ("I64", 13)}
+ST_TORCH = {name: dt for dt, (name, _) in ST_DTYPES.items()}
 
+
+class TensorSpec(NamedTuple):
+    """A tensor to be written: name, shape and dtype, known before its values are."""
+    name: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def safetensors_layout(specs: Sequence[TensorSpec], metadata: Optional[dict] = None) -> Tuple[bytes, Dict[str, int]]:
+    """(header bytes, {name: byte offset of its data in the file}) exactly as safetensors' ``save_file``
+    lays out these tensors: an 8-byte little-endian header length, the JSON header (``__metadata__``
+    first, tensors by descending dtype rank then name, compact) padded with spaces to 8 bytes, data."""
+    order = sorted(specs, key=lambda s: (-ST_DTYPES[s.dtype][1], s.name))
+    entries, pos = {}, 0
+    if metadata is not None:
+        entries["__metadata__"] = metadata
+    rel = {}
+    for s in order:
+        entries[s.name] = {"dtype": ST_DTYPES[s.dtype][0], "shape": [int(x) for x in s.shape],
+                           "data_offsets": [pos, pos + s.nbytes]}
+        rel[s.name] = pos
+        pos += s.nbytes
+    header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)
+    start = 8 + len(header)
+    return struct.pack("<Q", len(header)) + header, {name: start + off for name, off in rel.items()}
+
+
+def read_safetensors_header(path: str) -> Tuple[dict, int]:
+    """(header entries without __metadata__, byte offset where the data starts)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _as_bytes(t: torch.Tensor):
+    """A writable/readable byte view of a contiguous tensor's storage (no copy)."""
+    return t.reshape(-1).view(torch.uint8).numpy().data
+
+
+class HFCheckpoint:
+    """A Hugging Face directory read one tensor at a time with plain file reads (no memory map, so
+    resident memory is the tensors the caller holds, never the files)."""
+
+    def __init__(self, path: str):
         self.path = path
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
@@ -45,71 +105,121 @@ class HFCheckpoint:
             with open(index) as f:
                 self.weight_map: Dict[str, str] = json.load(f)["weight_map"]
         elif os.path.isfile(os.path.join(path, "model.safetensors")):
-            with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
-                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+            header, _ = read_safetensors_header(os.path.join(path, "model.safetensors"))
+            self.weight_map = {k: "model.safetensors" for k in header}
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                     f"(only safetensors checkpoints are supported)")
         missing = sorted({f for f in self.weight_map.values() if not os.path.isfile(os.path.join(path, f))})
         if missing:
             raise FileNotFoundError(f"{path}: missing shard file(s) {', '.join(missing)} named by the index")
-        self._handles = {}
+        self._headers: Dict[str, Tuple[dict, int]] = {}
 
-    def _file(self, name: str):
-        from safetensors import safe_open
-
+    def _entry(self, name: str) -> Tuple[str, dict, int]:
+        if name not in self.weight_map:
+            raise KeyError(f"{self.path}: tensor {name} is missing")
         fname = self.weight_map[name]
-        if fname not in self._handles:
-            self._handles[fname] = safe_open(os.path.join(self.path, fname), "pt")
-        return self._handles[fname]
+        if fname not in self._headers:
+            self._headers[fname] = read_safetensors_header(os.path.join(self.path, fname))
+        header, start = self._headers[fname]
+        if name not in header:
+            raise KeyError(f"{self.path}: tensor {name} is not in {fname} (the index names it there)")
+        return os.path.join(self.path, fname), header[name], start
 
     def shape(self, name: str) -> tuple:
-        return tuple(self._file(name).get_slice(name).get_shape())
+        return tuple(self._entry(name)[1]["shape"])
 
     def dtype(self) -> torch.dtype:
         name = next(n for n in self.weight_map if n.endswith("embed_tokens.weight"))
-        return self.get(name).dtype
+        return ST_TORCH[self._entry(name)[1]["dtype"]]
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise KeyError(f"{self.path}: tensor {name} is missing")
-        return self._file(name).get_tensor(name)
+        path, info, start = self._entry(name)
+        begin, end = info["data_offsets"]
+        t = torch.empty(info["shape"], dtype=ST_TORCH[info["dtype"]])
+        if end > begin:
+            with open(path, "rb") as f:
+                f.seek(start + begin)
+                if f.readinto(_as_bytes(t)) != end - begin:
+                    raise ValueError(f"{path}: truncated data for tensor {name}")
+        return t
 
 
 class ShardWriter:
-    def __init__(self, out_dir: str, max_shard_size: int):
-        self.out_dir, self.max = out_dir, max_shard_size
-        self.current: Dict[str, torch.Tensor] = {}
-        self.current_bytes = 0
-        self.files = []  # [(tmp name, [tensor names])]
-        self.total = 0
+    """Writes planned tensors into ``model-0000k-of-0000N.safetensors`` shards as they are produced.
+
+    The plan (every tensor's name, shape and dtype, in production order) is known first, so the shard
+    split (the greedy rule: a new shard when the next tensor would take it past ``max_shard_size``),
+    each file's header and each tensor's offset are fixed up front; ``add`` writes one tensor's bytes
+    at its offset and keeps nothing. Memory is the caller's one tensor, whatever the shard size.
+    The files are byte-identical to ``safetensors.torch.save_file`` of the same tensors per shard.
+    """
+
+    def __init__(self, out_dir: str, max_shard_size: int, plan: Sequence[TensorSpec]):
+        self.out_dir = out_dir
+        shards: List[List[TensorSpec]] = []
+        size = 0
+        for spec in plan:
+            if not shards or (shards[-1] and size + spec.nbytes > max_shard_size):
+                shards.append([])
+                size = 0
+            shards[-1].append(spec)
+            size += spec.nbytes
+        n = len(shards)
+        self.files = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self.spec: Dict[str, TensorSpec] = {}
+        self.where: Dict[str, Tuple[int, int]] = {}  # name -> (shard, file offset)
+        self.headers: List[bytes] = []
+        self.left = [len(s) for s in shards]  # tensors still to write, per shard
+        for k, specs in enumerate(shards):
+            header, offsets = safetensors_layout(specs, {"format": "pt"})
+            self.headers.append(header)
+            for s in specs:
+                if s.name in self.spec:
+                    raise ValueError(f"tensor {s.name} is planned twice")
+                self.spec[s.name] = s
+                self.where[s.name] = (k, offsets[s.name])
+        self.total = sum(s.nbytes for s in plan)
+        self._open: Dict[int, int] = {}  # shard -> file descriptor
+        self._written = set()
+
+    def _fd(self, k: int) -> int:
+        if k not in self._open:
+            path = os.path.join(self.out_dir, self.files[k])
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.chmod(path, 0o644)
+            os.pwrite(fd, self.headers[k], 0)
+            self._open[k] = fd
+        return self._open[k]
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        t = t.detach().contiguous().clone()  # own storage: safetensors refuses shared tensors
-        n = t.numel() * t.element_size()
-        if self.current and self.current_bytes + n > self.max:
-            self._flush()
-        self.current[name] = t
-        self.current_bytes += n
-        self.total += n
+        spec = self.spec.get(name)
+        if spec is None or name in self._written:
+            raise ValueError(f"tensor {name} is {'written twice' if spec else 'not in the plan'}")
+        if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
+            raise ValueError(f"tensor {name}: {list(t.shape)} {t.dtype}, planned {list(spec.shape)} {spec.dtype}")
+        k, offset = self.where[name]
+        fd = self._fd(k)
+        data = _as_bytes(t.detach().contiguous())
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+        self._written.add(name)
+        self.left[k] -= 1
+        if not self.left[k]:
+            os.close(self._open.pop(k))
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        tmp = f"shard-{len(self.files):05d}.safetensors"
-        save_file(self.current, os.path.join(self.out_dir, tmp), metadata={"format": "pt"})
-        os.chmod(os.path.join(self.out_dir, tmp), 0o644)  # safetensors creates files owner-only
-        self.files.append((tmp, list(self.current)))
-        self.current, self.current_bytes = {}, 0
+    def close(self) -> None:
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
 
     def finish(self) -> Dict[str, str]:
-        if self.current:
-            self._flush()
-        n, weight_map = len(self.files), {}
-        for k, (tmp, names) in enumerate(self.files):
-            final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(os.path.join(self.out_dir, tmp), os.path.join(self.out_dir, final))
-            weight_map.update({name: final for name in names})
+        self.close()
+        missing = sorted(set(self.spec) - self._written)
+        if missing:
+            raise ValueError(f"{len(missing)} planned tensor(s) were never written, e.g. {missing[0]}")
+        weight_map = {name: self.files[k] for name, (k, _) in self.where.items()}
         with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))},
                       f, indent=2)

@@ -5,7 +5,8 @@ on a leading layer axis, TP shards already merged), so one process can read any 
 with ``torch.distributed.checkpoint`` and no process group. ``MegatronCheckpoint`` checks the files
 first (every storage file the metadata names is present and long enough; every model tensor present
 with the shape the architecture implies) and then yields canonical tensors one layer at a time, so
-memory stays at about one layer plus the embeddings.
+memory stays at about one layer (or the embedding) whatever the model size; ``iter_canonical(meta=True)``
+yields the same names as meta tensors, for planning the output before anything is read.
 
 The architecture comes from ``tri_meta.json``; a Megatron-LM checkpoint without it is described by
 the ``args`` in its ``common.pt`` instead.
@@ -206,12 +207,16 @@ class MegatronCheckpoint:
     def dtype(self) -> torch.dtype:
         return self.tensors["embedding.word_embeddings.weight"].properties.dtype
 
-    def _load(self, wanted: Dict[str, Tuple[tuple, tuple]]) -> Dict[str, torch.Tensor]:
-        """Read regions {key: (offsets, sizes)} of global tensors (only the chunks that overlap)."""
+    def _load(self, wanted: Dict[str, Tuple[tuple, tuple]], meta: bool = False) -> Dict[str, torch.Tensor]:
+        """Read regions {key: (offsets, sizes)} of global tensors (only the chunks that overlap);
+        with meta, only their shapes and dtypes (meta tensors, nothing read)."""
         import warnings
 
         import torch.distributed.checkpoint as dcp
 
+        if meta:
+            return {key: torch.empty(sizes, dtype=self.tensors[key].properties.dtype, device="meta")
+                    for key, (_, sizes) in wanted.items()}
         state, regions = {}, {}
         for key, (offsets, sizes) in wanted.items():
             t = torch.empty(sizes, dtype=self.tensors[key].properties.dtype)
@@ -223,25 +228,27 @@ class MegatronCheckpoint:
             dcp.load(state, storage_reader=self.reader, planner=_RegionPlanner(regions), no_dist=True)
         return state
 
-    def _whole(self, keys) -> Dict[str, torch.Tensor]:
-        return self._load({k: ((0,) * len(self.tensors[k].size), tuple(self.tensors[k].size)) for k in keys})
+    def _whole(self, keys, meta: bool = False) -> Dict[str, torch.Tensor]:
+        return self._load({k: ((0,) * len(self.tensors[k].size), tuple(self.tensors[k].size)) for k in keys}, meta)
 
-    def iter_canonical(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        """(canonical name, full tensor) in model order: embedding, layers, final norm, output, MTP."""
-        yield from self._whole(["embedding.word_embeddings.weight"]).items()
+    def iter_canonical(self, meta: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(canonical name, full tensor) in model order: embedding, layers, final norm, output, MTP.
+        At most one decoder layer (or the MTP modules, or one embedding) is read at a time. With meta,
+        the same sequence as meta tensors (shapes and dtypes for planning, nothing read)."""
+        yield from self._whole(["embedding.word_embeddings.weight"], meta).items()
         for i in range(self.dims.num_layers):
             wanted = {}
             for suffix, key in self.layer_keys.items():
                 shape = tuple(self.tensors[key].size)
                 wanted[key] = ((i,) + (0,) * (len(shape) - 1), (1,) + shape[1:])
-            got = self._load(wanted)
+            got = self._load(wanted, meta)
             for suffix, key in self.layer_keys.items():
                 yield f"decoder.layers.{i}.{suffix}", got[key][0]
-        yield from self._whole(["decoder.final_layernorm.weight"]).items()
+        yield from self._whole(["decoder.final_layernorm.weight"], meta).items()
         if self.dims.untied:
-            yield from self._whole(["output_layer.weight"]).items()
+            yield from self._whole(["output_layer.weight"], meta).items()
         if self.mtp_keys:
-            got = self._whole(sorted(set(self.mtp_keys.values())))
+            got = self._whole(sorted(set(self.mtp_keys.values())), meta)
             for canon, key in self.mtp_keys.items():
                 yield canon, got[key]
 

@@ -1,7 +1,9 @@
 """megatron-core distributed checkpoint -> Hugging Face directory (``convert_checkpoint.py --to-hf``).
 
-Reads the checkpoint in this one process (any TP/PP/VPP layout), streams canonical tensors layer by
-layer through the name/layout mapping into sharded safetensors, and writes config.json,
+Reads the checkpoint in this one process (any TP/PP/VPP layout), plans every HF tensor first (the
+mapping on meta tensors), then streams canonical tensors layer by layer through the name/layout
+mapping into sharded safetensors, each tensor written at its offset and released (host memory: about
+one layer or the embedding, whatever the model or shard size), and writes config.json,
 generation_config.json, the tokenizer files when there is a tokenizer, and for Tri / Trillion
 configs ``modeling_tri.py`` + ``configuration_tri.py``. Everything is written into a staging
 directory beside OUT_DIR and renamed into place only when complete (and verified, with --verify),
@@ -13,12 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
 from tri_megatron.convert.hf_config import export_flavour, hf_config_from_meta
-from tri_megatron.convert.hf_io import DTYPE_NAMES, DTYPES, ShardWriter, copy_tokenizer, find_tokenizer, parse_size
+from tri_megatron.convert.hf_io import (DTYPE_NAMES, DTYPES, ShardWriter, TensorSpec, copy_tokenizer, find_tokenizer,
+                                        parse_size)
 from tri_megatron.convert.mapping import canonical_to_hf, expected_hf_shapes
 from tri_megatron.convert.megatron_ckpt import MegatronCheckpoint
 
@@ -44,19 +47,37 @@ def publish(tmp: str, out_dir: str) -> None:
     os.replace(tmp, out_dir)
 
 
+def export_plan(ckpt: MegatronCheckpoint, dtype: torch.dtype, drop_mtp: bool) -> List[TensorSpec]:
+    """Every HF tensor of the export (name, shape, dtype) in the order write_hf produces them: the
+    mapping run on meta tensors, nothing read. Checked against the architecture's expected names."""
+    plan = [TensorSpec(hf_name, tuple(ht.shape), dtype)
+            for name, t in ckpt.iter_canonical(meta=True)
+            for hf_name, ht in canonical_to_hf(name, t, ckpt.dims, drop_mtp=drop_mtp)]
+    m = ckpt.model
+    expected = expected_hf_shapes(ckpt.dims, m["ffn_hidden_size"], bool(m.get("ssmax")), drop_mtp)
+    got = {s.name: s.shape for s in plan}
+    if got != {k: tuple(v) for k, v in expected.items()}:  # a mapping bug, never a user error
+        raise AssertionError(f"export plans {sorted(set(got.items()) ^ set(expected.items()))[:5]} unexpectedly")
+    return plan
+
+
 def write_hf(ckpt: MegatronCheckpoint, out: str, dtype: Optional[torch.dtype], drop_mtp: bool,
              tokenizer: Optional[str], max_shard_size: int) -> dict:
-    """Write the HF files for ckpt into the (existing, empty) directory out; returns a summary."""
-    m, dims = ckpt.model, ckpt.dims
+    """Write the HF files for ckpt into the (existing, empty) directory out; returns a summary.
+
+    Streams: one checkpoint region (a decoder layer, the embedding, ...) is read, mapped, and each HF
+    tensor written at its planned offset and released before the next is read."""
+    m = ckpt.model
     dtype = dtype or ckpt.dtype
-    writer = ShardWriter(out, max_shard_size)
-    for name, t in ckpt.iter_canonical():
-        for hf_name, ht in canonical_to_hf(name, t, dims, drop_mtp=drop_mtp):
-            writer.add(hf_name, ht.to(dtype))
-    weight_map = writer.finish()
-    expected = expected_hf_shapes(dims, m["ffn_hidden_size"], bool(m.get("ssmax")), drop_mtp)
-    if set(weight_map) != set(expected):  # a mapping bug, never a user error
-        raise AssertionError(f"export wrote {sorted(set(weight_map) ^ set(expected))[:5]} unexpectedly")
+    writer = ShardWriter(out, max_shard_size, export_plan(ckpt, dtype, drop_mtp))
+    try:
+        for name, t in ckpt.iter_canonical():
+            for hf_name, ht in canonical_to_hf(name, t, ckpt.dims, drop_mtp=drop_mtp):
+                writer.add(hf_name, ht.to(dtype))
+            del t
+        weight_map = writer.finish()
+    finally:
+        writer.close()
     root = os.path.dirname(ckpt.path)
     tok = find_tokenizer(tokenizer, ckpt.path, root)
     max_len = m.get("max_position_embeddings") or m.get("seq_length")

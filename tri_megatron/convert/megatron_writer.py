@@ -1,0 +1,203 @@
+"""Writes a megatron-core distributed checkpoint (torch_dist) chunk by chunk, with no model in memory.
+
+megatron-core still decides what is stored: the model is built once on the meta device (TP=PP=1, one
+process) and its own ``sharded_state_dict`` (factories applied) names every key, global shape and
+chunk (decoder layer, SwiGLU gate/up half, extra-state object). Only the bytes are produced lazily:
+``torch.distributed.checkpoint``'s file writer (one thread) asks the planner for one chunk at a time,
+the planner builds it from ``get_canonical(name)`` (the canonical TP-merged tensor, e.g. from HF
+safetensors through the mapping), narrows it to the chunk, and the writer stores and drops it. Host
+memory is one canonical tensor (plus its chunk), whatever the model size.
+
+The result is the torch_dist format megatron-core loads and reshards at any layout (``.metadata`` +
+``__0_0.distcp``, and ``metadata.json`` / ``common.pt`` from megatron's own writers), inside the
+project's checkpoint directory (``iter_0000000/tri_meta.json``, the tracker file) — what
+``pretrain_tri.py --load`` continues from. It holds weights only (no optimizer) and no RNG states:
+``tri_meta.json`` records the runtime as ``host/import``, so a load never looks for them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+IMPORT_RUNTIME = {"device": "host", "backend": "import", "virtual": False}  # no RNG states to restore
+
+
+def meta_sharded_state(args) -> Tuple[list, list]:
+    """(ShardedTensors, ShardedObjects) megatron-core stores for this model (main replicas only),
+    from the model built on the meta device at TP=PP=1 in this process."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
+
+    from tri_megatron.convert.megatron_runtime import ensure_single_process
+    from tri_megatron.model.builder import build_gpt_model
+    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.training.checkpointing import _model_sharded_state_dict
+
+    ensure_single_process()
+    config = transformer_config_from_args(args, False)
+    config.perform_initialization = False
+    config.use_cpu_initialization = True  # no explicit device: the meta context below decides
+    with torch.device("meta"):
+        model = build_gpt_model(config, args, False, True, True)
+        if args.bf16:
+            model = model.bfloat16()  # what megatron's Float16Module does to the weights
+    chunks = [model]
+    not_meta = [n for c in chunks for n, p in c.named_parameters() if p.device.type != "meta"]
+    if not_meta:  # a layer that ignores the meta device would allocate the whole model
+        raise RuntimeError(f"parameters built off the meta device: {not_meta[:3]}")
+    sd = _model_sharded_state_dict(chunks)
+    apply_factories(sd)
+    tensors, objects = [], []
+    for v in nested_values(sd):
+        if isinstance(v, ShardedTensor):
+            if v.flattened_range is not None:
+                raise RuntimeError(f"{v.key}: flattened sharded tensors are not expected in a model state dict")
+            if all(r == 0 for r in _replica(v.replica_id)):
+                tensors.append(v)
+        elif isinstance(v, ShardedObject):
+            if all(r == 0 for r in _replica(v.replica_id)):
+                objects.append(v)
+        else:
+            raise RuntimeError(f"unexpected entry in the model's sharded state dict: {type(v).__name__}")
+    return tensors, objects
+
+
+def _replica(rid) -> tuple:
+    return tuple(rid) if isinstance(rid, (tuple, list)) else (rid,)
+
+
+def canonical_name(key: str, global_offset: tuple, prepend: int) -> str:
+    """The canonical tensor a stored chunk comes from (stacked decoder keys: the layer's own name)."""
+    if prepend:
+        if prepend != 1 or not key.startswith("decoder.layers."):
+            raise RuntimeError(f"{key}: unexpected {prepend} prepended axes")
+        return f"decoder.layers.{global_offset[0]}.{key[len('decoder.layers.'):]}"
+    return key
+
+
+class ChunkSource:
+    """Chunk tensors for the planner: canonical tensors from ``get_canonical``, one held at a time."""
+
+    def __init__(self, get_canonical: Callable[[str], torch.Tensor]):
+        self.get_canonical = get_canonical
+        self._name, self._tensor = None, None
+        self.peak_tensor_bytes = 0
+
+    def chunk(self, st) -> torch.Tensor:
+        prepend = st.prepend_axis_num
+        name = canonical_name(st.key, st.global_offset, prepend)
+        if name != self._name:
+            self._name, self._tensor = None, None  # release before reading the next
+            self._tensor, self._name = self.get_canonical(name), name
+        full = self._tensor
+        expected = tuple(st.global_shape[prepend:])
+        if tuple(full.shape) != expected:
+            raise ValueError(f"{name}: source tensor {list(full.shape)}, the model stores {list(expected)}")
+        region = full
+        for dim, (off, size) in enumerate(zip(st.global_offset[prepend:], st.local_shape)):
+            region = region.narrow(dim, off, size)
+        out = region.to(st.dtype).contiguous().reshape((1,) * prepend + tuple(st.local_shape))
+        self.peak_tensor_bytes = max(self.peak_tensor_bytes, full.nbytes + out.nbytes)
+        return out
+
+
+def _planner(tensors: list, objects: list, source: ChunkSource):
+    from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import (SavePlan, SavePlanner, TensorWriteData, WriteItem,
+                                                      WriteItemType)
+
+    items: List[WriteItem] = []
+    lookup: Dict[tuple, object] = {}
+    for st in tensors:
+        offsets = torch.Size(st.global_offset)
+        sizes = torch.Size((1,) * st.prepend_axis_num + tuple(st.local_shape))
+        if len(offsets) != len(st.global_shape):
+            raise RuntimeError(f"{st.key}: offsets {tuple(offsets)} do not match global shape {st.global_shape}")
+        items.append(WriteItem(index=MetadataIndex(st.key, offsets), type=WriteItemType.SHARD,
+                               tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
+                                                           properties=TensorProperties(dtype=st.dtype),
+                                                           size=torch.Size(st.global_shape))))
+        lookup[(st.key, tuple(offsets))] = st
+    for obj in objects:
+        items.append(WriteItem(index=MetadataIndex(obj.unique_key), type=WriteItemType.BYTE_IO))
+        lookup[(obj.unique_key, None)] = obj
+
+    class ChunkPlanner(SavePlanner):
+        """Saves the planned chunks; each chunk's data is made only when the writer asks for it."""
+
+        def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
+            self.plan = None
+
+        def create_local_plan(self):
+            self.plan = SavePlan(items)
+            return self.plan
+
+        def create_global_plan(self, all_plans):
+            return create_default_global_save_plan(all_plans)
+
+        def finish_plan(self, new_plan):
+            self.plan = new_plan
+            return new_plan
+
+        def resolve_data(self, write_item):
+            idx = write_item.index
+            entry = lookup[(idx.fqn, tuple(idx.offset) if idx.offset is not None else None)]
+            if write_item.type == WriteItemType.BYTE_IO:
+                buf = io.BytesIO()
+                torch.save([entry.data], buf)  # megatron-core's encoding of sharded objects
+                buf.seek(0)
+                return buf
+            return source.chunk(entry)
+
+    return ChunkPlanner()
+
+
+def write_checkpoint(root: str, args, get_canonical: Callable[[str], torch.Tensor]) -> dict:
+    """Write ``root/iter_0000000`` (weights only) for the model ``args`` describe, chunk by chunk;
+    ``args`` carries the layout recorded in tri_meta.json (the stored chunks do not depend on it)."""
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+
+    from tri_megatron.convert.megatron_runtime import args_from_meta
+    from tri_megatron.training.checkpointing import META, SHAPE_FIELDS, TRACKER, _layout, iter_dir
+
+    build_args = args_from_meta(_model_fields(args), 1, 1, None, bf16=args.bf16, world=1)
+    tensors, objects = meta_sharded_state(build_args)
+    source = ChunkSource(get_canonical)
+    path = iter_dir(root, 0)
+    os.makedirs(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({}, storage_writer=dcp.FileSystemWriter(path, single_file_per_rank=True, thread_count=1),
+                 planner=_planner(tensors, objects, source), no_dist=True)
+    save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), path)
+    torch.save({"scheduler": None, "iteration": 0, "consumed_samples": 0}, os.path.join(path, "common.pt"))
+    # the fields training.checkpointing.save_checkpoint records
+    model_meta = {f: getattr(args, f, None) for f in SHAPE_FIELDS}
+    model_meta.update(model=args.model, seq_length=args.seq_length, rotary_base=args.rotary_base,
+                      no_rope_freq=args.no_rope_freq, window_size=args.window_size,
+                      window_attn_skip_freq=args.window_attn_skip_freq,
+                      attn_temperature_tuning=bool(args.attn_temperature_tuning),
+                      attn_floor_scale=args.attn_floor_scale, attn_scale=args.attn_scale,
+                      norm_epsilon=args.norm_epsilon, max_position_embeddings=args.max_position_embeddings)
+    with open(os.path.join(path, META), "w") as f:
+        json.dump({"iteration": 0, "consumed_samples": 0, "layout": _layout(args), "runtime": IMPORT_RUNTIME,
+                   "model": model_meta, "has_optimizer": False}, f, indent=1)
+    with open(os.path.join(root, TRACKER), "w") as f:
+        f.write("0")
+    return {"chunks": len(tensors), "objects": len(objects), "peak_tensor_bytes": source.peak_tensor_bytes}
+
+
+def _model_fields(args) -> dict:
+    from tri_megatron.convert.megatron_runtime import ARCH_FIELDS
+
+    m = {f: getattr(args, f, None) for f in ARCH_FIELDS}
+    m.update(seq_length=args.seq_length, model=args.model)
+    return m
