@@ -338,6 +338,48 @@ def print_loss_table(rows):
               f"| {r['grad_rel_err_fused_vs_torch']:.1e} | {r['grad_rel_err_fused_vs_unfused']:.1e} |", flush=True)
 
 
+# ----------------------------------------------------------------------------------- CCE filter --
+def bench_cce_filter(args, device, shape):
+    """How exact is Cut Cross-Entropy's gradient filtering for us? (issue 14; not implemented here.)
+
+    CCE skips, in its backward, every (token block x vocab block) tile of ``softmax - onehot`` whose
+    entries are all below ``filter_eps`` (its default: ``finfo(dtype).eps / 32``, 2^-12 for bf16).
+    For synthetic logit distributions from flat (a freshly initialised output layer) to peaked (a
+    trained LM: Zipf unigram bias plus token-dependent logits, target drawn from the softmax), this
+    reports the fraction of 128 x 256 tiles such a filter skips and the relative error (norm) it puts
+    on the hidden and weight gradients, computed in fp32 against the unfiltered gradients.
+    """
+    n, h, v = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, h, device=device, generator=g)
+    w = torch.randn(v, h, device=device, generator=g) / h ** 0.5
+    unigram = -torch.log(torch.arange(1, v + 1, device=device, dtype=torch.float32))
+    rows = []
+    for label, spread, bias in (("flat (init, W*0.02)", 0.02 * h ** 0.5, 0.0), ("mild", 1.0, 1.0),
+                                ("trained-like", 2.0, 1.0), ("peaked", 4.0, 1.0)):
+        logits = spread * (x @ w.t()) + bias * unigram
+        p = torch.softmax(logits, dim=-1)
+        target = torch.multinomial(p, 1, generator=g)[:, 0]
+        grad = p.clone()
+        grad[torch.arange(n), target] -= 1.0
+        gx, gw = grad @ w, grad.t() @ x
+        for name, eps in (("bf16 auto 2^-12", torch.finfo(torch.bfloat16).eps / 32),
+                          ("fp32 auto 2^-28", torch.finfo(torch.float32).eps / 32)):
+            tiles = grad.abs().unfold(0, 128, 128).unfold(1, 256, 256).amax(dim=(-1, -2))  # [n/128, v/256]
+            keep = (tiles >= eps).repeat_interleave(128, 0).repeat_interleave(256, 1)
+            kept = torch.zeros_like(grad)
+            kept[: keep.shape[0], : keep.shape[1]] = grad[: keep.shape[0], : keep.shape[1]] * keep
+            row = dict(bench="cce_filter", distribution=label, filter_eps=name, tokens=n, hidden=h, vocab=v,
+                       mean_target_prob=float(p[torch.arange(n), target].mean()),
+                       skipped_tiles=float((tiles < eps).float().mean()),
+                       grad_x_rel_err=_rel_err(kept @ w, gx), grad_w_rel_err=_rel_err(kept.t() @ x, gw))
+            rows.append(row)
+            print(f"cce-filter {label:20s} eps {name:16s} mean p(target) {row['mean_target_prob']:.3f} | "
+                  f"tiles skipped {row['skipped_tiles']:.3f} | grad rel err: hidden {row['grad_x_rel_err']:.1e} "
+                  f"weight {row['grad_w_rel_err']:.1e}", flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------------- rope bench ----
 def _megatron_rope():
     with warnings.catch_warnings():
@@ -423,7 +465,8 @@ def _shape(text: str) -> tuple:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["loss", "rope"], default=None)
+    p.add_argument("--only", choices=["loss", "rope", "cce-filter"], default=None,
+                   help="one part (cce-filter: Cut Cross-Entropy's gradient filter, not run by default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--mtp", type=int, nargs="+", default=[1, 2], help="MTP depths D (1 + D heads)")
@@ -453,7 +496,7 @@ def main(argv=None):
                 kernels=kernels_available() if on_gpu else False, scale=scale,
                 memory_method="cuda.max_memory_allocated" if on_gpu else "profiler allocation events")
     print("bench_kernels:", json.dumps(info), flush=True)
-    if not on_gpu:
+    if not on_gpu and not args.shape:
         print("CPU run: sizes / %d per dimension, reference (PyTorch) path; memory ratios carry over, "
               "times do not reflect the CUDA kernels." % scale, flush=True)
     rows = []
@@ -463,6 +506,9 @@ def main(argv=None):
         rows += loss_rows
     if args.only in (None, "rope"):
         rows += bench_rope(args, device, dtype, scale)
+    if args.only == "cce-filter":
+        for shape in args.shape or [(2048, 256, 32768)]:
+            rows += bench_cce_filter(args, device, shape)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(info=info, rows=rows), f, indent=1)

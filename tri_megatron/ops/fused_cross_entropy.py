@@ -177,6 +177,29 @@ def _chunk_grad_inplace(kern, logits, labels, vocab_start, lse, p_coef, t_coef):
             blk.copy_(g)
 
 
+def _chunk_loss_grad_ref(logits, labels, vocab_start, q, z_loss, lse, target):
+    """TP=1 reference in one pass per cache-sized row block: lse and target logit of each row, and the
+    tile overwritten by ``(softmax * (1 + 2 z lse) - onehot) * q`` (one exp per element)."""
+    vocab = logits.shape[1]
+    for rb in _ref_row_blocks(logits):
+        blk = logits[rb]
+        t = labels[rb] - vocab_start
+        picked = blk.gather(1, t.clamp(0, vocab - 1)[:, None])[:, 0].to(target.dtype)
+        target[rb] = torch.where((t >= 0) & (t < vocab), picked, torch.zeros_like(picked))
+        e = blk if blk.dtype == lse.dtype else blk.to(lse.dtype)  # fp32 / fp64 tiles: in place
+        m = e.amax(dim=-1)
+        e.sub_(m[:, None]).exp_()
+        s = e.sum(dim=-1)
+        lse_b = torch.log(s) + m
+        lse[rb] = lse_b
+        p = q[rb] * (1.0 + 2.0 * z_loss * lse_b) if z_loss else q[rb]
+        e.mul_((p / s)[:, None])
+        rows = torch.nonzero(q[rb] != 0, as_tuple=True)[0]
+        e[rows, t[rows]] -= q[rb][rows].to(e.dtype)
+        if e is not blk:
+            blk.copy_(e)
+
+
 def _global_lse(kern, heads, logits, labels, vocab_start, sdt):
     """(lse, target logit) per row of one chunk over the whole vocab (TP shards merged)."""
     stats = torch.empty(3, logits.shape[0], dtype=sdt, device=logits.device)
@@ -288,7 +311,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         lse_all = torch.empty(sum(sizes), dtype=sdt, device=dev)
         target_all = torch.empty_like(lse_all)
         gx = [torch.empty_like(x) if nx else None for x, nx in zip(xs, need_x)]
-        acc = torch.zeros(vocab, h, dtype=_acc_dtype(weight.dtype), device=dev) if need_w else None
+        acc = torch.empty(vocab, h, dtype=_acc_dtype(weight.dtype), device=dev) if need_w else None
+        fresh = need_w and acc.dtype == weight.dtype  # 16-bit weights: fp32 accumulator, zero-filled
+        if need_w and not fresh:
+            acc.zero_()
         w_prev = None  # acc holds sum_k (w_k / w_prev) G_k: rescaled between heads, no host sync
         logits = None
         off = 0
@@ -302,18 +328,27 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             for c0 in range(0, x.shape[0], chunk):
                 c1 = min(c0 + chunk, x.shape[0])
                 logits = torch.mm(x[c0:c1], weight.t(), out=_tile(buf, c1 - c0, vocab))  # GEMM 1
-                lse, target = _global_lse(kern, heads, logits, lab[c0:c1], vocab_start, sdt)
-                lse_all[off + c0:off + c1] = lse
-                target_all[off + c0:off + c1] = target
-                if not grads:
-                    continue
-                qc = q[c0:c1]
-                p = (qc * (1.0 + 2.0 * heads.z_loss * lse)).contiguous() if heads.z_loss else qc
-                _chunk_grad_inplace(kern, logits, lab[c0:c1], vocab_start, lse.contiguous(), p, qc)
+                rows = slice(off + c0, off + c1)
+                if grads and kern is None and heads.world == 1:  # reference: stats + gradient in one pass
+                    _chunk_loss_grad_ref(logits, lab[c0:c1], vocab_start, q[c0:c1], heads.z_loss,
+                                         lse_all[rows], target_all[rows])
+                else:
+                    lse, target = _global_lse(kern, heads, logits, lab[c0:c1], vocab_start, sdt)
+                    lse_all[rows] = lse
+                    target_all[rows] = target
+                    if not grads:
+                        continue
+                    qc = q[c0:c1]
+                    p = (qc * (1.0 + 2.0 * heads.z_loss * lse)).contiguous() if heads.z_loss else qc
+                    _chunk_grad_inplace(kern, logits, lab[c0:c1], vocab_start, lse.contiguous(), p, qc)
                 if need_x[k]:
                     torch.mm(logits, weight, out=gx[k][c0:c1])  # GEMM 2
                 if need_w:
-                    _accumulate_mm(acc, logits.t(), x[c0:c1])  # GEMM 3
+                    if fresh:  # the first chunk writes the accumulator (no zero-fill, no read)
+                        torch.mm(logits.t(), x[c0:c1], out=acc)
+                        fresh = False
+                    else:
+                        _accumulate_mm(acc, logits.t(), x[c0:c1])  # GEMM 3
             off += x.shape[0]
         del buf, logits
         loss = lse_all - target_all
