@@ -210,6 +210,8 @@ def test_auto_falls_back_to_cpu_only_where_no_gpu_was_expected(monkeypatch):
 
     real = resolve("auto", environ={"TRI_VIRTUAL_DEVICE": "1"}, cuda_available=True)
     assert real.cuda_kernels and real.backend == "nccl" and real.batch_p2p_comm
+    with pytest.raises(DeviceError, match="CUDA_VISIBLE_DEVICES="):
+        resolve("cpu", environ={}, cuda_available=True)
 
 
 def test_ranks_that_decide_differently_stop_before_any_process_group():

@@ -126,9 +126,12 @@ def resolve(requested: str = "auto", environ=None, cuda_available: Optional[bool
     env = os.environ if environ is None else environ
     if requested not in DEVICE_CHOICES:
         raise DeviceError(f"--device {requested}: choose one of {', '.join(DEVICE_CHOICES)}")
-    if requested == "cpu":
-        return Runtime("cpu", "gloo", local_rank=local_rank, reason="--device cpu")
     usable = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if requested == "cpu":
+        if usable:  # megatron-core allocates on CUDA by itself wherever CUDA is usable
+            raise DeviceError("--device cpu: this process sees a usable CUDA device, which megatron-core would "
+                              "use anyway; hide it with CUDA_VISIBLE_DEVICES= to train on the CPU, or use --device auto")
+        return Runtime("cpu", "gloo", local_rank=local_rank, reason="--device cpu")
     if usable:
         return Runtime("cuda", "nccl", local_rank=local_rank, reason=f"--device {requested}")
     if _truthy(env.get(VIRTUAL_ENV)):
@@ -153,9 +156,7 @@ def activate(rt: Runtime) -> Runtime:
 
     if rt.cuda_kernels:
         torch.cuda.set_device(rt.device)
-    else:
-        if torch.cuda.is_available():
-            raise DeviceError(f"{rt.signature()} requested on a machine with CUDA: pass --device cuda or auto")
+    else:  # resolve() never returns a CPU or virtual runtime where CUDA is usable
         compat.activate(virtual_device=rt.virtual)
     _CURRENT = rt
     return rt

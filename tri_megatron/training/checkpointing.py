@@ -264,7 +264,7 @@ def load_checkpoint(root: str, model: list, optimizer, scheduler, args, rt=None)
     if scheduler is not None and load_optim and loaded.get("scheduler"):
         scheduler.load_state_dict(loaded["scheduler"])
     restore, why_not = rng_restorable(meta, args, rt)
-    if why_not and dist.get_rank() == 0:
+    if why_not and optimizer is not None and dist.get_rank() == 0:  # training resumes (not a conversion)
         print(f"tri_megatron: --load {path}: RNG states not restored ({why_not}); continuing from this run's "
               f"seeded RNG", flush=True)
     if restore:
