@@ -344,8 +344,9 @@ def bench_cce_filter(args, device, shape):
 
     CCE skips, in its backward, every (token block x vocab block) tile of ``softmax - onehot`` whose
     entries are all below ``filter_eps`` (its default: ``finfo(dtype).eps / 32``, 2^-12 for bf16).
-    For synthetic logit distributions from flat (a freshly initialised output layer) to peaked (a
-    trained LM: Zipf unigram bias plus token-dependent logits, target drawn from the softmax), this
+    For synthetic logit distributions -- flat (a freshly initialised output layer), a Zipf unigram bias
+    ``-a log(rank)`` (vocab ids sorted by frequency, as CCE arranges) plus token-dependent logits, and
+    peaked token-dependent logits with no vocab order; targets drawn from the softmax -- this
     reports the fraction of 128 x 256 tiles such a filter skips and the relative error (norm) it puts
     on the hidden and weight gradients, computed in fp32 against the unfiltered gradients.
     """
@@ -355,8 +356,8 @@ def bench_cce_filter(args, device, shape):
     w = torch.randn(v, h, device=device, generator=g) / h ** 0.5
     unigram = -torch.log(torch.arange(1, v + 1, device=device, dtype=torch.float32))
     rows = []
-    for label, spread, bias in (("flat (init, W*0.02)", 0.02 * h ** 0.5, 0.0), ("mild", 1.0, 1.0),
-                                ("trained-like", 2.0, 1.0), ("peaked", 4.0, 1.0)):
+    for label, spread, bias in (("flat (init, W*0.02)", 0.02 * h ** 0.5, 0.0), ("zipf-1", 1.0, 1.0),
+                                ("zipf-2 (long tail)", 1.0, 2.0), ("peaked, no vocab order", 4.0, 0.0)):
         logits = spread * (x @ w.t()) + bias * unigram
         p = torch.softmax(logits, dim=-1)
         target = torch.multinomial(p, 1, generator=g)[:, 0]
