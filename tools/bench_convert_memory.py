@@ -78,11 +78,11 @@ def synthesize_hf(m: dict, out: str, seed: int = 0) -> int:
     return writer.total
 
 
-def peak_rss(cmd: list, log: str) -> int:
-    """Run cmd; its peak resident set in bytes (wait4's ru_maxrss). Raises on failure."""
+def peak_rss(cmd: list, log: str, cwd: str = ROOT) -> int:
+    """Run cmd in cwd; its peak resident set in bytes (wait4's ru_maxrss). Raises on failure."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
@@ -110,8 +110,9 @@ def bench(sizes: list, work: str, converters: dict, keep: bool = False) -> list:
         for label, script in converters.items():
             meg, out = os.path.join(work, f"meg_{size}_{label}"), os.path.join(work, f"out_{size}_{label}")
             log = os.path.join(work, f"{size}_{label}")
-            from_rss = peak_rss([sys.executable, script, "--from-hf", hf, meg, "--overwrite"], log + "_from.log")
-            to_rss = peak_rss([sys.executable, script, "--to-hf", meg, out, "--overwrite"], log + "_to.log")
+            repo = os.path.dirname(os.path.dirname(script))  # the converter's own checkout imports its package
+            from_rss = peak_rss([sys.executable, script, "--from-hf", hf, meg, "--overwrite"], log + "_from.log", repo)
+            to_rss = peak_rss([sys.executable, script, "--to-hf", meg, out, "--overwrite"], log + "_to.log", repo)
             rows.append(dict(size=size, layers=m["num_layers"], params=params, weight_bytes=nbytes,
                              largest_tensor=largest, converter=label, from_hf=from_rss, to_hf=to_rss,
                              exact=same_files(hf, out)))

@@ -17,7 +17,7 @@ import shutil
 from typing import Optional
 
 from tri_megatron.convert.hf_config import meta_from_hf_config
-from tri_megatron.convert.hf_io import DTYPES, HFCheckpoint
+from tri_megatron.convert.hf_io import DTYPES, HFCheckpoint, return_freed_memory
 from tri_megatron.convert.mapping import ModelDims, expected_hf_shapes, hf_to_canonical
 from tri_megatron.convert.megatron_ckpt import CheckpointError
 from tri_megatron.convert.megatron_writer import write_checkpoint
@@ -75,6 +75,7 @@ def from_hf(hf_dir: str, out_dir: str, target_tp: int = 1, target_pp: int = 1, t
     from tri_megatron.convert.megatron_runtime import args_from_meta
     from tri_megatron.model.config import padded_vocab_size
 
+    return_freed_memory()  # streamed tensors' memory goes back to the OS when each is released
     hf = HFCheckpoint(hf_dir)
     m = meta_from_hf_config(hf.config)
     m["seq_length"] = m["max_position_embeddings"]

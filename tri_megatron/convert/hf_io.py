@@ -27,6 +27,23 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve allocations of ``threshold`` bytes or more with their own mappings, so a freed
+    tensor's memory goes back to the OS at once. Streaming allocates and frees one tensor after
+    another; with glibc's default (a threshold that rises to 32 MiB after the first large free) the
+    heap keeps freed buffers and the process's resident set creeps up with the number of tensors.
+    Process-wide and harmless; returns False where there is no glibc (nothing changed)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold = -3  # M_MMAP_THRESHOLD in malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text).upper())
     if not m:

@@ -226,6 +226,8 @@ class MegatronCheckpoint:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(state, storage_reader=self.reader, planner=_RegionPlanner(regions), no_dist=True)
+        for t in state.values():  # break the tensor <-> lambda cycle: freed when released, not at the next gc
+            del t.__get_tensor_shard__
         return state
 
     def _whole(self, keys, meta: bool = False) -> Dict[str, torch.Tensor]:

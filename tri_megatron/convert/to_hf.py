@@ -21,7 +21,7 @@ import torch
 
 from tri_megatron.convert.hf_config import export_flavour, hf_config_from_meta
 from tri_megatron.convert.hf_io import (DTYPE_NAMES, DTYPES, ShardWriter, TensorSpec, copy_tokenizer, find_tokenizer,
-                                        parse_size)
+                                        parse_size, return_freed_memory)
 from tri_megatron.convert.mapping import canonical_to_hf, expected_hf_shapes
 from tri_megatron.convert.megatron_ckpt import MegatronCheckpoint
 
@@ -103,6 +103,7 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, drop_mtp: bo
           tokenizer: Optional[str] = None, max_shard_size: str = "5GB", overwrite: bool = False,
           verify: bool = False, verify_tol: float = 1e-4, verify_seq_len: Optional[int] = None,
           zero_centered_gamma: Optional[bool] = None, log=print) -> dict:
+    return_freed_memory()  # streamed tensors' memory goes back to the OS when each is released
     ckpt = MegatronCheckpoint(ckpt_dir)  # validates before anything is written
     if zero_centered_gamma is not None:
         ckpt.model["layernorm_zero_centered_gamma"] = zero_centered_gamma
