@@ -132,3 +132,56 @@ def test_writer_peak_memory_does_not_grow_with_the_number_of_tensors(tmp_path):
     json.dump({}, open(hf_dir / "config.json", "w"))
     hf = HFCheckpoint(str(hf_dir))
     assert hf.get("t47")[0].item() == 47.0 and hf.get("t0").abs().sum() == 0
+
+
+def test_import_and_export_hold_one_tensor_at_a_time(tmp_path, megatron_single_process):
+    """--from-hf builds each chunk from the source when the writer asks and drops it; --to-hf's reader
+    frees each layer's tensors as soon as the caller releases them (no reference cycle waiting for the gc)."""
+    import gc
+    import weakref
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from bench_convert_memory import WIDTH, synthesize_hf
+
+    from tri_megatron.convert import megatron_writer
+    from tri_megatron.convert.from_hf import from_hf
+    from tri_megatron.convert.megatron_ckpt import MegatronCheckpoint
+
+    m = dict(WIDTH, num_layers=6, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4, num_query_groups=2,
+             kv_channels=32, vocab_size=1000)
+    hf = str(tmp_path / "hf")
+    synthesize_hf(m, hf)
+    live, most = [], [0]
+    orig = megatron_writer.ChunkSource.chunk
+
+    def counting_chunk(self, st):  # count canonical tensors alive whenever a new one is asked for
+        get = self.get_canonical
+
+        def tracked(name):
+            alive = sum(r() is not None for r in live)
+            most[0] = max(most[0], alive)
+            t = get(name)
+            live.append(weakref.ref(t))
+            return t
+
+        self.get_canonical = tracked
+        try:
+            return orig(self, st)
+        finally:
+            self.get_canonical = get
+
+    megatron_writer.ChunkSource.chunk = counting_chunk
+    gc.disable()
+    try:
+        from_hf(hf, str(tmp_path / "meg"))
+        # 6 layers x 6 canonical tensors + embedding, final norm, output layer; at most the previous one alive
+        assert len(live) == 6 * 6 + 3 and most[0] <= 1, (len(live), most[0])
+        refs = []
+        for name, t in MegatronCheckpoint(str(tmp_path / "meg")).iter_canonical():
+            refs.append(weakref.ref(t))
+            del t
+            assert sum(r() is not None for r in refs) <= 6, name  # at most the current layer's tensors
+        assert sum(r() is not None for r in refs) <= 1
+    finally:
+        gc.enable()
+        megatron_writer.ChunkSource.chunk = orig
