@@ -67,7 +67,8 @@ def _cuda_kernel_build():
         print(f"setup.py: TORCH_CUDA_ARCH_LIST unset: compiling the CUDA kernels for "
               f"{', '.join(f'sm_{a}' for a in archs)} (+PTX) with {home}/bin/nvcc")
     ext = cpp_extension.CUDAExtension("tri_megatron._cuda_kernels", sources,
-                                      extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags})
+                                      extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+                                      library_dirs=cuda_build.cudart_link_dirs(home))
     return ext, cpp_extension.BuildExtension
 
 

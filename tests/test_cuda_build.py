@@ -71,6 +71,27 @@ def test_toolkit_found_behind_a_wrapper_nvcc(tmp_path):
     assert _cuda_build.resolve_cuda_home(environ={}, which=lambda _: None, fallback=str(tmp_path / "none")) is None
 
 
+def test_toolkit_from_nvidia_pip_wheels(tmp_path, monkeypatch):
+    """A node without a CUDA toolkit: nvidia-cuda-nvcc / -crt / -cccl / nvidia-nvvm wheels beside the CUDA
+    runtime a CUDA torch installs make site-packages/nvidia/cu13 a toolkit, whose lib/ has only the
+    versioned libcudart.so.13 (the link -lcudart needs gets its own dir)."""
+    site = tmp_path / "site-packages"
+    home = str(site / "nvidia" / "cu13")
+    _fake_toolkit(home)
+    os.makedirs(os.path.join(home, "lib"))
+    real = os.path.join(home, "lib", "libcudart.so.13")
+    open(real, "w").close()
+    assert _cuda_build.pip_toolkit([str(tmp_path), str(site)]) == home
+    with monkeypatch.context() as m:  # no CUDA_HOME, no nvcc on PATH, no /usr/local/cuda: the wheels' toolkit
+        m.setattr(sys, "path", [str(tmp_path), str(site)])
+        assert _cuda_build.resolve_cuda_home(environ={}, which=lambda _: None, fallback="") == home
+    (link_dir,) = _cuda_build.cudart_link_dirs(home)
+    assert os.path.realpath(os.path.join(link_dir, "libcudart.so")) == os.path.realpath(real)
+    assert _cuda_build.cudart_link_dirs(home) == [link_dir]  # again (another rank): same dir, no error
+    os.symlink(real, os.path.join(home, "lib", "libcudart.so"))
+    assert _cuda_build.cudart_link_dirs(home) == []  # a real toolkit needs nothing
+
+
 def test_wrong_cuda_home_is_named(tmp_path):
     with pytest.raises(_cuda_build.CudaHomeError, match=r"CUDA_HOME=.* does not contain bin/nvcc"):
         _cuda_build.resolve_cuda_home(environ={"CUDA_HOME": str(tmp_path)})

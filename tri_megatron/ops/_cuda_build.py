@@ -6,7 +6,8 @@ Nothing here needs a GPU: a build node with a CUDA torch and nvcc is enough.
 
 * :func:`resolve_cuda_home` -- ``CUDA_HOME`` / ``CUDA_PATH`` when set (it must hold ``bin/nvcc`` and
   the CUDA headers, else :class:`CudaHomeError` with the fix), otherwise the toolkit behind the ``nvcc`` on PATH
-  (also when that ``nvcc`` is a wrapper script outside the toolkit), else ``/usr/local/cuda``.
+  (also when that ``nvcc`` is a wrapper script outside the toolkit), else ``/usr/local/cuda``, else a
+  toolkit made of NVIDIA's pip wheels (:func:`pip_toolkit`; :func:`cudart_link_dirs` makes it link).
 * :func:`default_arch_flags` -- nvcc ``-gencode`` flags for when ``TORCH_CUDA_ARCH_LIST`` is unset:
   sm_90 (H100 / H200), sm_100 (B200) when this nvcc knows it, and the GPUs visible now, plus PTX of
   the newest for GPUs after it. (torch's own default reads the visible GPUs only, and fails with
@@ -15,10 +16,14 @@ Nothing here needs a GPU: a build node with a CUDA torch and nvcc is enough.
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 from typing import Iterable, Mapping, Optional
 
 DEFAULT_ARCHS = (90,)  # always compiled: the GPUs this project trains on
@@ -77,7 +82,38 @@ def resolve_cuda_home(environ: Optional[Mapping[str, str]] = None, which=shutil.
             return home
     if fallback and _is_toolkit(fallback):
         return fallback
+    return pip_toolkit()
+
+
+def pip_toolkit(paths: Optional[Iterable[str]] = None) -> Optional[str]:
+    """A toolkit assembled from NVIDIA's pip wheels (``nvidia/cu13``: nvidia-cuda-nvcc, -crt, -cccl and
+    nvidia-nvvm beside the runtime headers a CUDA torch brings), for a node with no CUDA toolkit."""
+    for base in (sys.path if paths is None else paths):
+        for cand in sorted(glob.glob(os.path.join(base or ".", "nvidia", "cu[0-9]*")), reverse=True):
+            if _is_toolkit(cand):
+                return cand
     return None
+
+
+def cudart_link_dirs(home: str) -> list[str]:
+    """Extra linker dirs so that ``-lcudart`` resolves: pip's toolkit ships only ``libcudart.so.13``
+    (no unversioned name), so point at a private dir holding the ``libcudart.so`` link. [] otherwise."""
+    libs = [os.path.join(home, d) for d in ("lib64", "lib")]
+    if any(os.path.exists(os.path.join(d, "libcudart.so")) for d in libs):
+        return []
+    versioned = sorted(glob.glob(os.path.join(libs[1], "libcudart.so.*")) + glob.glob(os.path.join(libs[0], "libcudart.so.*")))
+    if not versioned:
+        return []
+    link_dir = os.path.join(tempfile.gettempdir(), f"tri_megatron_cudart_{os.getuid()}",
+                            hashlib.sha1(versioned[0].encode()).hexdigest()[:12])
+    os.makedirs(link_dir, exist_ok=True)
+    link = os.path.join(link_dir, "libcudart.so")
+    if not os.path.exists(link):
+        try:
+            os.symlink(versioned[0], link)
+        except FileExistsError:  # another rank made it
+            pass
+    return [link_dir]
 
 
 def nvcc_archs(nvcc: str) -> Optional[set[int]]:

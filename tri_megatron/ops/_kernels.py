@@ -65,7 +65,7 @@ def kernel_sources() -> list[str]:
 def _jit_build() -> ModuleType:
     from torch.utils import cpp_extension
 
-    from tri_megatron.ops._cuda_build import resolve_cuda_home
+    from tri_megatron.ops._cuda_build import cudart_link_dirs, resolve_cuda_home
 
     sources = kernel_sources()
     if not sources:
@@ -79,6 +79,7 @@ def _jit_build() -> ModuleType:
         sources=sources,
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", "--use_fast_math"],
+        extra_ldflags=[f"-L{d}" for d in cudart_link_dirs(home)],
         extra_include_paths=[os.path.dirname(sources[0])],
         verbose=os.environ.get("TRI_KERNELS_VERBOSE") == "1",
     )
