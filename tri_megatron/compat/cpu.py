@@ -6,7 +6,8 @@ megatron-core hard-codes CUDA in two ways: tensor factories with ``device="cuda"
 
 * a ``TorchFunctionMode`` rewrites any CUDA ``device=`` argument of a torch call to ``cpu`` and makes
   ``Tensor.cuda`` a no-op; ``Tensor.type()`` names CPU tensors as CUDA ones;
-* a handful of ``torch.cuda`` functions get CPU stand-ins;
+* a handful of ``torch.cuda`` functions get CPU stand-ins, and ``torch.Generator(device="cuda")`` is
+  a host generator;
 * megatron's CUDA RNG tracker helpers use the CPU generator.
 
 ``activate(virtual=True)`` adds the virtual accelerator (``virtual.py``): what is sent to "cuda" is
@@ -101,6 +102,8 @@ def activate(virtual_device: bool = False) -> bool:
 
     torch.Tensor.type = _cuda_named_type  # type: ignore[assignment]
 
+    torch.Generator = _HostGenerator  # type: ignore[misc]
+
     cuda = torch.cuda
     cuda.current_device = lambda: 0
     cuda.device_count = lambda: 0
@@ -138,6 +141,16 @@ def activate(virtual_device: bool = False) -> bool:
 
     _ACTIVE = True
     return True
+
+
+class _HostGenerator(torch.Generator):
+    """``torch.Generator(device="cuda")`` is a host generator (the host stands in for the device)."""
+
+    def __new__(cls, device="cpu"):
+        return super().__new__(cls, "cpu" if _is_cuda_device(device) or isinstance(device, int) else device)
+
+    def __init__(self, device="cpu"):
+        pass
 
 
 def _keep_mode_in_backward(mode) -> None:

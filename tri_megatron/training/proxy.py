@@ -195,11 +195,14 @@ class ProxyRunner:
         model = build_gpt_model(self.config, pargs, self.use_te, spec.pre_process, spec.post_process)
         model.model_type = ModelType.encoder_or_decoder
         self.built_vocab = getattr(model, "vocab_size", None)
+        from tri_megatron import runtime
+
+        device = runtime.current().device
+        model.to(device)  # as build_model_chunks: torch-norm weights and Tri parameters are created on the host
         if pargs.bf16:
             model = Float16Module(self.config, model)
         self.model = wrap_ddp([model], self.config, pargs)
         self.params = sum(p.numel() for p in self.model[0].parameters())
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.optimizer_kind = optimizer
         if optimizer == "megatron":
             self.optimizer = build_optimizer(self.model, self.config, pargs)
