@@ -71,6 +71,10 @@ def build_data(args, dp_rank: int, dp_size: int):
 
 
 def main(argv=None) -> list:
+    if "--dry-run" in (sys.argv[1:] if argv is None else argv):  # validate + size the launch, one CPU process
+        from tri_megatron.dryrun import main as dry_run
+
+        sys.exit(dry_run(argv))
     args, rt = check_before_start(argv, with_runtime=True)
     from megatron.core import parallel_state
 

@@ -138,6 +138,10 @@ def plan(args) -> dict:
     recomputes = tuple(None if r == "none" else r for r in args.recompute)
     cands = perf_model.candidate_layouts(shape, args.gpus, gbs, args.gpus_per_node, tps=tuple(args.tp),
                                          cps=tuple(args.cp), mbss=tuple(args.mbs), recomputes=recomputes)
+    if getattr(preset, "attn_temperature_tuning", False) or getattr(preset, "ssmax", False):
+        # query scaling (Tri-70B's temperature tuning, SSMax) has no context-parallel path yet: pretrain_tri.py
+        # rejects CP > 1 for it (found by the dry run of plan_layout's top layouts)
+        cands = [c for c in cands if c.cp == 1]
     if args.pp:
         cands = [c for c in cands if c.pp in args.pp]
     if args.vpp:
@@ -182,6 +186,29 @@ def plan(args) -> dict:
         "candidates_fitting": sum(r["fits"] for r in ranked),
         "layouts": ranked,
     }
+
+
+def pretrain_flags(res: dict, r: dict) -> list:
+    """pretrain_tri.py flags for a ranked layout ``r`` of ``res`` (mock data): e.g. for ``--dry-run``."""
+    m = res["model"]
+    flags = ["--model", m["name"], "--bf16", "--mock-data", "--seq-length", str(m["seq_length"]),
+             "--max-position-embeddings", str(m["seq_length"]), "--global-batch-size", str(m["global_batch_size"]),
+             "--micro-batch-size", str(r["micro_batch_size"]), "--tensor-model-parallel-size", str(r["tp"]),
+             "--pipeline-model-parallel-size", str(r["pp"]), "--context-parallel-size", str(r["cp"]),
+             "--train-iters", "10"]
+    if r["vpp"] > 1:
+        flags += ["--virtual-pipeline-model-parallel-size", str(r["vpp"])]
+    if r["sequence_parallel"]:
+        flags.append("--sequence-parallel")
+    if r["distributed_optimizer"]:
+        flags += ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+    if r["recompute"] == "full":
+        flags += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    elif r["recompute"] == "selective":
+        flags += ["--recompute-granularity", "selective"]
+    if m["mtp_num_layers"]:
+        flags += ["--mtp-num-layers", str(m["mtp_num_layers"])]
+    return flags
 
 
 def print_table(res: dict, top: int) -> None:

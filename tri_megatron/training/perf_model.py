@@ -28,7 +28,8 @@ What it models, per GPU of a layout TP x CP x PP (x VPP) x DP on ``gpus_per_node
 * memory: bf16 weights + fp32 gradient buffer + fp32 master / Adam moments (divided by DP x CP with
   the distributed optimizer), activations of the micro-batches a rank holds in flight under 1F1B
   (interleaved: Megatron's warm-up count), stored activations per layer for flash attention
-  (no s x s scores), SwiGLU and sequence parallelism, plus a fixed overhead and fragmentation margin;
+  (no s x s scores), SwiGLU and sequence parallelism (checked against ``pretrain_tri.py --dry-run``,
+  which measures them on megatron's real chunks: within 2% per layer), plus a fixed overhead and fragmentation margin;
   a layout fits when that total is within 95% of the device memory.
 
 Not modelled: stragglers, NCCL/network contention between concurrent collectives, kernel launch
@@ -132,15 +133,18 @@ def layer_params(shape: ModelShape) -> int:
 
 
 def rank_params(shape: ModelShape, layout: Layout, rank: int) -> float:
-    """Parameters held by one GPU of pipeline rank ``rank`` (its TP shard; untied embeddings)."""
+    """Parameters held by one GPU of pipeline rank ``rank`` (its TP shard; untied embeddings). The
+    norms' weights are replicated on every TP rank, the linear layers and the vocabulary split."""
     per_rank_layers = shape.num_layers // layout.pp
     h, v = shape.hidden_size, shape.vocab
-    n = per_rank_layers * layer_params(shape) / layout.tp
+    sharded = layer_params(shape) - 2 * h  # a layer without its two norms
+    n = per_rank_layers * (sharded / layout.tp + 2 * h)
     if rank == 0:
         n += v * h / layout.tp  # embedding
     if rank == layout.pp - 1:
         n += v * h / layout.tp + h  # output layer, final norm
-        n += shape.mtp_num_layers * ((layer_params(shape) + 2 * h * h) / layout.tp + 3 * h)
+        # MTP: a layer, eh_proj (2h x h) and enorm / hnorm / final norm
+        n += shape.mtp_num_layers * ((sharded + 2 * h * h) / layout.tp + 2 * h + 3 * h)
         if shape.mtp_num_layers and layout.pp > 1:
             n += v * h / layout.tp  # MTP embeds the shifted tokens: the last stage holds an embedding too
     return n
@@ -151,9 +155,11 @@ def _act_bytes_per_token_layer(shape: ModelShape, layout: Layout) -> float:
     """Stored activations (bytes) per token of one layer, no recomputation, flash attention."""
     h, f, q, kv = shape.hidden_size, shape.ffn_hidden_size, shape.q_size, shape.kv_size
     sp = layout.tp if layout.sp else 1
-    # 2 norm inputs + 2 (sharded, with SP) linear inputs: 4h; Q, K, V, O: 2q + 2kv;
+    # 2 norm inputs + 2 (sharded, with SP) linear inputs: 4h; attention: the QKV projection's output
+    # (q + 2kv, kept alive by V, a view of it), the RoPE'd / scaled Q and K flash attention saves
+    # (q + kv) and its output O (q) = 3q + 3kv (the dry run measured this; 2q + 2kv before);
     # SwiGLU: fc1 output (2f) and fc2 input (f). bf16.
-    return 2.0 * (4 * h / sp + (2 * q + 2 * kv + 3 * f) / layout.tp)
+    return 2.0 * (4 * h / sp + (3 * q + 3 * kv + 3 * f) / layout.tp)
 
 
 def inflight_microbatches(layout: Layout, rank: int, num_microbatches: int) -> float:
@@ -167,14 +173,10 @@ def inflight_microbatches(layout: Layout, rank: int, num_microbatches: int) -> f
     return chunks / v
 
 
-def memory_per_gpu(shape: ModelShape, layout: Layout, num_microbatches: int, rank: int,
-                   a: Assumptions = Assumptions()) -> dict:
-    """Estimated peak memory (GiB) of one GPU of pipeline rank ``rank``."""
-    params = rank_params(shape, layout, rank)
-    weights = 2.0 * params
-    grads = 4.0 * params  # fp32 main-grad buffer
-    opt_div = layout.dp * layout.cp if layout.distributed_optimizer else 1
-    optimizer = 12.0 * params / opt_div
+def activation_bytes(shape: ModelShape, layout: Layout, rank: int, a: Assumptions = Assumptions()) -> dict:
+    """Stored activations (bytes) of ONE micro-batch on a GPU of pipeline rank ``rank``: through all its
+    layers ("stage"), the last stage's head (final norm, output layer input, MTP, loss workspace),
+    and the transient of full recomputation (the layer being recomputed in backward)."""
     tokens = layout.mbs * shape.seq_length / layout.cp
     h = shape.hidden_size
     sp = layout.tp if layout.sp else 1
@@ -182,12 +184,10 @@ def memory_per_gpu(shape: ModelShape, layout: Layout, num_microbatches: int, ran
     per_layer_input = 2.0 * h / sp * tokens
     layers = shape.num_layers // layout.pp
     if layout.recompute == "full":
-        stage_act = layers * per_layer_input
-        transient = per_layer_full  # the layer being recomputed in backward
+        stage, transient = layers * per_layer_input, per_layer_full
     else:  # selective (core attention) saves nothing with flash attention: Q, K, V, O stay stored
-        stage_act = layers * per_layer_full
-        transient = 0.0
-    activations = inflight_microbatches(layout, rank, num_microbatches) * stage_act + transient
+        stage, transient = layers * per_layer_full, 0.0
+    head = 0.0
     if rank == layout.pp - 1:
         d = shape.mtp_num_layers
         head = 2.0 * 2 * h / sp * tokens  # final norm input, output-layer input
@@ -196,7 +196,19 @@ def memory_per_gpu(shape: ModelShape, layout: Layout, num_microbatches: int, ran
             head += a.fused_loss_workspace_gib * GIB
         else:  # bf16 logits, fp32 copy and softmax kept for backward, per head
             head += (1 + d) * 10.0 * tokens * shape.vocab / layout.tp
-        activations += head
+    return {"stage": stage, "head": head, "transient": transient}
+
+
+def memory_per_gpu(shape: ModelShape, layout: Layout, num_microbatches: int, rank: int,
+                   a: Assumptions = Assumptions()) -> dict:
+    """Estimated peak memory (GiB) of one GPU of pipeline rank ``rank``."""
+    params = rank_params(shape, layout, rank)
+    weights = 2.0 * params
+    grads = 4.0 * params  # fp32 main-grad buffer
+    opt_div = layout.dp * layout.cp if layout.distributed_optimizer else 1
+    optimizer = 12.0 * params / opt_div
+    act = activation_bytes(shape, layout, rank, a)
+    activations = inflight_microbatches(layout, rank, num_microbatches) * act["stage"] + act["transient"] + act["head"]
     tensors = weights + grads + optimizer + activations
     total = tensors * (1 + a.fragmentation) + a.memory_overhead_gib * GIB
     return {

@@ -1,0 +1,181 @@
+"""``pretrain_tri.py --dry-run --world-size N ...``: check a large launch on one CPU before ``sbatch``.
+
+With the exact training flags and the job's GPU count, in one process and without a GPU:
+
+1. validates everything ``pretrain_tri.py`` validates before it starts (flags and layout at world size
+   N, data paths and the tokenizer's vocabulary, ``--load`` compatibility, the padded vocabulary),
+   assuming the GPU nodes have Transformer Engine where the flags need it (``--sequence-parallel``);
+2. for each distinct pipeline role (first stage, a middle stage, last stage) builds that rank's real
+   megatron-core model chunks, DDP buffers and distributed optimizer at world size N on the meta
+   device (``stage.measure_stage``: torch's fake process group, no memory, seconds), and runs one
+   micro-batch forward and backward through them on meta tensors to measure stored activations;
+3. reports per stage: parameters, weight / gradient-buffer / optimizer-state bytes, activations of one
+   micro-batch and of the micro-batches 1F1B keeps in flight (megatron's warm-up count), and the
+   total against the GPU (80 GB H100, 141 GB H200, or ``--gpu-memory``), with the same overhead and
+   allocator margin as ``tools/plan_layout.py`` (``perf_model.Assumptions``).
+
+Exit code 0: every stage fits; 1: a stage does not fit; 2: bad input (one line naming the flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from typing import List, Optional
+
+GIB = 2**30
+
+
+@dataclasses.dataclass
+class StageReport:
+    pp_ranks: List[int]
+    chunks: List[str]
+    params: int
+    weight_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int  # one micro-batch
+    head_bytes: int  # of which from the output layer on
+    inflight: float  # micro-batches whose activations the busiest of pp_ranks holds (1F1B)
+    total_bytes: float
+    fits: bool
+
+
+def dry_run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="--dry-run: GPUs of the job (default: SLURM's / torchrun's variables)")
+    p.add_argument("--gpu-type", choices=["h100", "h200", "b200"], default="h100", help="--dry-run: the GPU")
+    p.add_argument("--gpu-memory", type=float, default=None, help="--dry-run: device memory in GiB (overrides --gpu-type)")
+    p.add_argument("--dry-run-json", default=None, help="--dry-run: write the report to PATH")
+    return p
+
+
+@contextlib.contextmanager
+def _transformer_engine_on_target():
+    """Validation as on the GPU nodes, which have Transformer Engine (this host may not)."""
+    from tri_megatron.model import specs
+
+    orig = specs.transformer_engine_available
+    specs.transformer_engine_available = lambda: True
+    try:
+        yield
+    finally:
+        specs.transformer_engine_available = orig
+
+
+def validate(argv: list, world: int):
+    """The pretrain_tri.py namespace for argv at world size ``world``; ArgumentError on bad input."""
+    from tri_megatron.arguments import ArgumentError, parse_args, validate_args
+    from tri_megatron.model.config import padded_vocab_size
+
+    args = parse_args(argv)
+    with _transformer_engine_on_target():
+        validate_args(args, world)
+    try:
+        padded_vocab_size(args.vocab_size, args.tensor_model_parallel_size)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    if args.load:
+        from tri_megatron.training.checkpointing import check_compatible, find_latest_checkpoint
+
+        try:
+            check_compatible(find_latest_checkpoint(args.load), args)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from None
+    args.transformer_impl = "local"  # what this host builds (same parameters as the TE spec)
+    return args
+
+
+def roles(pp: int) -> List[List[int]]:
+    """Pipeline ranks grouped by the structures they hold: first, the middle ones (identical), last."""
+    if pp == 1:
+        return [[0]]
+    if pp == 2:
+        return [[0], [1]]
+    return [[0], list(range(1, pp - 1)), [pp - 1]]
+
+
+def run(args, world: int, memory_gib: float) -> List[StageReport]:
+    from tri_megatron.dryrun.stage import measure_stage
+    from tri_megatron.training import perf_model
+
+    a = perf_model.Assumptions()
+    pp, vpp = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size or 1
+    layout = perf_model.Layout(tp=args.tensor_model_parallel_size, pp=pp, vpp=vpp, cp=args.context_parallel_size,
+                               dp=args.data_parallel_size, mbs=args.micro_batch_size)
+    m = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    reports = []
+    for ranks in roles(pp):
+        st = measure_stage(args, world, ranks[0])
+        inflight = max(perf_model.inflight_microbatches(layout, r, m) for r in ranks)
+        tensors = st.weight_bytes + st.grad_bytes + st.optimizer_bytes + inflight * st.activation_bytes
+        total = tensors * (1 + a.fragmentation) + a.memory_overhead_gib * GIB
+        reports.append(StageReport(ranks, st.chunks, st.params, st.weight_bytes, st.grad_bytes, st.optimizer_bytes,
+                                   st.activation_bytes, st.head_bytes, inflight, total,
+                                   total <= memory_gib * GIB * a.usable_memory_fraction))
+    return reports
+
+
+def format_report(args, world: int, gpu: str, memory_gib: float, reports: List[StageReport]) -> str:
+    from tri_megatron.training import perf_model
+
+    a = perf_model.Assumptions()
+    lines = [f"dry run: {args.model} on {world} x {gpu} ({memory_gib:.1f} GiB) | TP={args.tensor_model_parallel_size} "
+             f"PP={args.pipeline_model_parallel_size} VPP={args.virtual_pipeline_model_parallel_size or 1} "
+             f"CP={args.context_parallel_size} DP={args.data_parallel_size} SP={bool(args.sequence_parallel)} | "
+             f"seq {args.seq_length} x micro-batch {args.micro_batch_size}, "
+             f"{args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)} micro-batches | "
+             f"recompute {args.recompute_granularity or 'none'} | distributed optimizer "
+             f"{'on' if args.use_distributed_optimizer else 'off'} | {'bf16' if args.bf16 else 'fp32'}",
+             "flags, layout, data and --load validated (Transformer Engine assumed on the GPU nodes)",
+             "| PP ranks | chunks | params/GPU | weights | grad buffer | optimizer | activations/micro-batch | "
+             "in flight | total | fits |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        ranks = f"{r.pp_ranks[0]}" if len(r.pp_ranks) == 1 else f"{r.pp_ranks[0]}-{r.pp_ranks[-1]}"
+        lines.append(f"| {ranks} | {'; '.join(r.chunks)} | {r.params / 1e9:.3f}B | {r.weight_bytes / GIB:.2f} GiB | "
+                     f"{r.grad_bytes / GIB:.2f} GiB | {r.optimizer_bytes / GIB:.2f} GiB | "
+                     f"{r.activation_bytes / GIB:.2f} GiB | {r.inflight:g} | {r.total_bytes / GIB:.1f} GiB | "
+                     f"{'yes' if r.fits else 'NO'} |")
+    worst = max(reports, key=lambda r: r.total_bytes)
+    lines.append(f"{'FITS' if all(r.fits for r in reports) else 'DOES NOT FIT'}: largest stage "
+                 f"{worst.total_bytes / GIB:.1f} GiB of {memory_gib * a.usable_memory_fraction:.1f} GiB usable "
+                 f"(total = (weights + grads + optimizer + in-flight activations) x {1 + a.fragmentation:g} + "
+                 f"{a.memory_overhead_gib:g} GiB overhead); activations measured on meta tensors (flash-attention, "
+                 f"fused-SwiGLU and TE-norm saves; unfused loss)")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list] = None) -> int:
+    from tri_megatron.arguments import ArgumentError, world_size_from_env
+    from tri_megatron.training import perf_model
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, rest = dry_run_parser().parse_known_args(argv)
+    try:
+        world = own.world_size or world_size_from_env()
+        if world is None or world < 1 or (own.world_size is None and world == 1):
+            raise ArgumentError("--dry-run needs the job's GPU count: pass --world-size N (e.g. 512)")
+        if own.gpu_memory is not None and own.gpu_memory <= 0:
+            raise ArgumentError(f"--gpu-memory {own.gpu_memory}: must be a positive number of GiB")
+        args = validate(rest, world)
+    except ArgumentError as e:
+        print(f"pretrain_tri.py: error: {e}", file=sys.stderr)
+        return 2
+    spec = perf_model.GPU_SPECS[own.gpu_type]
+    memory = own.gpu_memory or spec.memory_gib
+    reports = run(args, world, memory)
+    print(format_report(args, world, spec.name if own.gpu_memory is None else "GPU", memory, reports), flush=True)
+    from tri_megatron.dryrun.compare import compare, format_comparison
+
+    rows = compare(args, reports)
+    print("against plan_layout's projection (training/perf_model.py) for this layout:\n" + format_comparison(rows))
+    if own.dry_run_json:
+        with open(own.dry_run_json, "w") as f:
+            json.dump({"world_size": world, "memory_gib": memory, "stages": [dataclasses.asdict(r) for r in reports],
+                       "projection": rows}, f, indent=1)
+    return 0 if all(r.fits for r in reports) else 1
