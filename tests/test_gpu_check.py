@@ -71,3 +71,34 @@ def test_bad_flags_exit_2(bad, capsys):
         gc.parse_args(bad)
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("gpu_check.py: --")
+
+
+def test_gpu_stages_read_what_their_tools_write(tmp_path, monkeypatch):
+    """No GPU here, so the GPU stages are run as if there were one, on the same tools at CPU sizes
+    (bench_kernels at 1/32 scale, bench_mfu's proxy of tri-tiny): their reports must be read back,
+    and a GPU test run where every cuda case skipped, or kernels that did not load, is a failure."""
+    gc = _load_tool()
+    real_facts = gc.gather_facts
+    monkeypatch.setattr(gc, "gather_facts", lambda args: dict(
+        real_facts(args), cuda_device={"name": "pretend", "capability": "9.0", "count": 1, "memory_gib": 80}))
+    monkeypatch.setattr(gc, "BENCH_ARGS", ["--tp", "8", "--mtp", "1", "--grad-mode", "ddp", "--scale", "32",
+                                           "--iters", "1", "--warmup", "0"])
+    monkeypatch.setattr(gc, "MFU_ARGS", ["--model", "tri-tiny", "--proxy-gpus", "8", "--tensor-model-parallel-size",
+                                         "2", "--micro-batch-size", "1", "--global-batch-size", "8", "--warmup", "1",
+                                         "--iters", "1", "--breakdown-iters", "0", "--peak-tflops", "1"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    report = gc.main(["--out", str(tmp_path), "--stages", "kernels,tests,bench,mfu"])
+    stages = {s["name"]: s for s in report["stages"]}
+    kernels = stages["kernels"]
+    assert kernels["status"] == "failed" and "kernels not loaded" in kernels["summary"], kernels
+    assert "torch" in kernels["summary"]  # says why: CPU torch, no device
+    tests = stages["tests"]
+    assert tests["status"] == "failed" and tests["results"].get("passed", 0) == 0 and tests["results"]["skipped"] > 0, tests
+    bench = stages["bench"]
+    assert bench["status"] == "ok", bench
+    (loss,) = bench["results"]["loss"]
+    assert loss["tp"] == 8 and loss["time_ratio"] > 0 and 0 < loss["mem_ratio"]
+    assert {r["case"] for r in bench["results"]["rope"]} >= {"rope", "rope+ssmax"}
+    mfu = stages["mfu"]
+    assert mfu["status"] == "ok", mfu
+    assert 0 < mfu["results"]["mfu"] and mfu["results"]["step_time_s"] > 0 and mfu["results"]["peak_memory_gib"] > 0

@@ -98,6 +98,9 @@ def _load() -> Optional[ModuleType]:
     if os.environ.get("TRI_NO_JIT_KERNELS") == "1":
         return None
     if not (torch.version.cuda and torch.cuda.is_available()):
+        _state["error"] = RuntimeError(f"no prebuilt extension ({_state['error']}) and no JIT build: torch "
+                                       f"{torch.__version__} " + ("sees no CUDA device" if torch.version.cuda
+                                                                  else "is not a CUDA build"))
         return None
     try:
         _log.info("JIT-building the tri_megatron CUDA kernels (first use; cached by torch afterwards)")
