@@ -59,6 +59,17 @@ def test_virtual_device_rejects_host_tensors_like_a_gpu(virtual_device):
     x[torch.tensor([0, 1])] = 1.0
 
 
+def test_virtual_device_follows_every_form_of_to(virtual_device):
+    h, d = torch.ones(3), torch.ones(3, device="cuda")
+    to_device = [h.to("cuda"), h.to(0), h.cuda(0), h.to(device="cuda", copy=True), h.to(d, non_blocking=True),
+                 h.to("cuda", torch.float64), d.to(torch.float16), d.float(), d.half(), d.to("cuda"),
+                 d.new_tensor([1.0]), torch.full_like(d, 2), torch.empty_like(h, device="cuda"),
+                 torch.nn.Linear(2, 2).to("cuda", torch.float64).weight]
+    to_host = [d.to("cpu", torch.float64), d.to(device="cpu", copy=True), d.cpu(), h.to(torch.float16), h.float()]
+    assert all(t.is_cuda for t in to_device) and not any(t.is_cuda for t in to_host)
+    assert d.is_cuda and not h.is_cuda
+
+
 def test_virtual_device_checks_the_backward_pass(virtual_device):
     """Backward ops go through the same check: a host tensor captured by a backward function raises."""
     from tri_megatron.compat import DeviceMismatchError

@@ -23,8 +23,12 @@ tensors are scalars and may meet device tensors; ``copy_`` / ``_to_copy`` cross 
 device tensor with host indices is allowed.
 
 What it does not model: memory limits, streams and asynchrony (the CPU shim's streams and events
-are no-ops), NCCL itself (collectives run on gloo, on the host storage of device tensors), and C++
-code that decides by the real device (it sees CPU tensors: e.g. SDPA picks its CPU kernels).
+are no-ops); NCCL itself (collectives run on gloo, on the host storage of device tensors, so a host
+tensor handed alone to a collective is not caught, and code that picks its device from
+``dist.get_backend() == "nccl"`` takes its gloo branch -- read ``tri_megatron.runtime.current().device``
+instead); ``torch.cuda.is_available()`` stays False (the truth: torch's own CUDA branches must not run);
+``torch.save`` records device tensors as CPU ones; and C++ code that decides by the real device (it sees
+CPU tensors: e.g. SDPA picks its CPU kernels).
 
 Two modes implement it, both pushed by ``enable()``: a ``TorchFunctionMode`` (device arguments,
 ``.cuda/.cpu/.to``, the ``device``/``is_cuda`` getters) and a ``TorchDispatchMode`` at aten level
@@ -217,14 +221,19 @@ def _to(args, kwargs, func):
         kw = dict(dtype=other.dtype, non_blocking=kwargs.get("non_blocking", rest[1] if len(rest) > 1 else False))
         copy = kwargs.get("copy", rest[2] if len(rest) > 2 else False)
     else:
-        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*rest, **kwargs)
+        kw = dict(kwargs)
+        copy = kw.pop("copy", False)
+        if rest and isinstance(rest[0], int) and not isinstance(rest[0], bool):
+            rest = (f"cuda:{rest[0]}", *rest[1:])  # t.to(0): a CUDA index
+        if len(rest) > 1 and isinstance(rest[-1], bool) and len(rest) == (4 if not isinstance(rest[0], torch.dtype) else 3):
+            copy, rest = rest[-1], rest[:-1]  # positional copy: to(device, dtype, non_blocking, copy) / to(dtype, nb, copy)
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*rest, **kw)
         if device is None:
             return func(*args, **kwargs)
         target = "cuda" if device.type == "cuda" else device.type
         kw = dict(dtype=dtype, non_blocking=non_blocking)
         if memory_format is not None:
             kw["memory_format"] = memory_format
-        copy = kwargs.get("copy", False)
     if target == "cuda":
         if is_device_tensor(t):
             return t.to(device="cpu", copy=copy, **kw)  # dtype change (or itself), tracked by propagation
