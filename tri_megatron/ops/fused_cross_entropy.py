@@ -103,8 +103,6 @@ TILE_BYTES = 64 * 2**20
 # stays compute-bound (2,048 rows: 512 FLOP per accumulator byte); a CPU needs far fewer.
 _MIN_GRAD_CHUNK_ROWS = 2048
 _MIN_GRAD_CHUNK_ROWS_CPU = 128
-# Row blocks of the PyTorch reference's elementwise work (kept in cache; the kernels have none).
-_REF_BLOCK_BYTES = 2 * 2**20
 
 # How many backward calls took each path ("stored": rescale the forward's gradients; "recomputed":
 # the upstream was not proportional to the expected one, weight gradient recomputed). Diagnostics.
@@ -132,12 +130,12 @@ def _tp_info(tp_group) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------ per-chunk primitives -------
-def _ref_row_blocks(logits: torch.Tensor):
-    """Row blocks for the PyTorch reference: small enough to stay in cache (and for its fp32
-    temporaries to be negligible next to a tile, so CPU memory figures reflect the fused design)."""
-    budget = min(_REF_BLOCK_BYTES, max(1, TILE_BYTES // 8))
-    step = max(1, budget // max(1, logits.shape[1] * 4))
-    for r0 in range(0, logits.shape[0], step):
+def _ref_row_blocks(logits: torch.Tensor, in_place: bool = False):
+    """Row blocks for the PyTorch reference. Work done in place on the tile takes it whole (few large
+    ops); work with fp32 temporaries goes in blocks of 1/8 of a tile, so the temporaries stay small
+    next to it (the kernels have none) and CPU memory figures reflect the fused design."""
+    step = logits.shape[0] if in_place else max(1, (TILE_BYTES // 8) // max(1, logits.shape[1] * 4))
+    for r0 in range(0, logits.shape[0], max(1, step)):
         yield slice(r0, min(r0 + step, logits.shape[0]))
 
 
@@ -164,7 +162,7 @@ def _chunk_grad_inplace(kern, logits, labels, vocab_start, lse, p_coef, t_coef):
         kern.ce_backward_inplace(logits, labels, vocab_start, lse, p_coef, t_coef)
         return
     vocab = logits.shape[1]
-    for rb in _ref_row_blocks(logits):
+    for rb in _ref_row_blocks(logits, in_place=logits.dtype == lse.dtype):
         blk = logits[rb]
         if blk.dtype == lse.dtype:  # fp32 / fp64 tiles: in place, no temporary
             g = blk.sub_(lse[rb, None]).exp_().mul_(p_coef[rb, None])
@@ -178,10 +176,10 @@ def _chunk_grad_inplace(kern, logits, labels, vocab_start, lse, p_coef, t_coef):
 
 
 def _chunk_loss_grad_ref(logits, labels, vocab_start, q, z_loss, lse, target):
-    """TP=1 reference in one pass per cache-sized row block: lse and target logit of each row, and the
-    tile overwritten by ``(softmax * (1 + 2 z lse) - onehot) * q`` (one exp per element)."""
+    """TP=1 reference, statistics and gradient in one go: lse and target logit of each row, and the
+    tile overwritten by ``(softmax * (1 + 2 z lse) - onehot) * q`` (one exp per element, in place)."""
     vocab = logits.shape[1]
-    for rb in _ref_row_blocks(logits):
+    for rb in _ref_row_blocks(logits, in_place=logits.dtype == lse.dtype):
         blk = logits[rb]
         t = labels[rb] - vocab_start
         picked = blk.gather(1, t.clamp(0, vocab - 1)[:, None])[:, 0].to(target.dtype)
