@@ -28,8 +28,9 @@ if data_sources:
 def _cuda_kernel_build():
     """(CUDAExtension, BuildExtension) for the Tri kernels, or None when they are not compiled now (no
     CUDA torch, no nvcc, TRI_SKIP_CUDA_BUILD=1: then they JIT-build at first GPU use, or the PyTorch
-    references run). A CUDA_HOME that is not a toolkit (no bin/nvcc or headers) stops the install with exit code 2. Without
-    TORCH_CUDA_ARCH_LIST the arch list is sm_90, sm_100 where nvcc knows it, and the visible GPUs."""
+    references run). No GPU needed. A CUDA_HOME that is not a toolkit (no bin/nvcc or headers) stops
+    the install with exit code 2. Without TORCH_CUDA_ARCH_LIST the archs are sm_90, sm_100 where nvcc
+    knows it, and the visible GPUs' (tri_megatron/ops/_cuda_build.py)."""
     import importlib.util
     import sys
 
@@ -52,7 +53,8 @@ def _cuda_kernel_build():
         sys.stderr.write(f"setup.py: {exc}\n")
         sys.exit(2)
     if home is None:
-        print("setup.py: torch is a CUDA build but no nvcc was found (CUDA_HOME, PATH, /usr/local/cuda): the "
+        print("setup.py: torch is a CUDA build but no nvcc was found (CUDA_HOME, PATH, /usr/local/cuda, pip's "
+              "nvidia-cuda-nvcc): the "
               "CUDA kernels are not compiled now (JIT-built at first GPU use where nvcc is, else PyTorch references)")
         return None
     os.environ["CUDA_HOME"] = home

@@ -5,9 +5,10 @@ imports only the standard library) and the JIT fallback in :mod:`tri_megatron.op
 Nothing here needs a GPU: a build node with a CUDA torch and nvcc is enough.
 
 * :func:`resolve_cuda_home` -- ``CUDA_HOME`` / ``CUDA_PATH`` when set (it must hold ``bin/nvcc`` and
-  the CUDA headers, else :class:`CudaHomeError` with the fix), otherwise the toolkit behind the ``nvcc`` on PATH
-  (also when that ``nvcc`` is a wrapper script outside the toolkit), else ``/usr/local/cuda``, else a
-  toolkit made of NVIDIA's pip wheels (:func:`pip_toolkit`; :func:`cudart_link_dirs` makes it link).
+  the CUDA headers, else :class:`CudaHomeError` with the fix), otherwise the toolkit behind the
+  ``nvcc`` on PATH (also when that ``nvcc`` is a wrapper script outside the toolkit), else
+  ``/usr/local/cuda``, else a toolkit made of NVIDIA's pip wheels (:func:`pip_toolkit`;
+  :func:`cudart_link_dirs` makes it link).
 * :func:`default_arch_flags` -- nvcc ``-gencode`` flags for when ``TORCH_CUDA_ARCH_LIST`` is unset:
   sm_90 (H100 / H200), sm_100 (B200) when this nvcc knows it, and the GPUs visible now, plus PTX of
   the newest for GPUs after it. (torch's own default reads the visible GPUs only, and fails with
