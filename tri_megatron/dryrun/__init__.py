@@ -103,17 +103,31 @@ def roles(pp: int) -> List[List[int]]:
 def run(args, world: int, memory_gib: float) -> List[StageReport]:
     from tri_megatron.dryrun.stage import measure_stage
     from tri_megatron.training import perf_model
+    from tri_megatron.training.flops import ModelShape
 
     a = perf_model.Assumptions()
     pp, vpp = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size or 1
+    rc = args.recompute_granularity
     layout = perf_model.Layout(tp=args.tensor_model_parallel_size, pp=pp, vpp=vpp, cp=args.context_parallel_size,
-                               dp=args.data_parallel_size, mbs=args.micro_batch_size)
+                               dp=args.data_parallel_size, mbs=args.micro_batch_size,
+                               recompute=rc if rc in ("full", "selective") else None,
+                               sequence_parallel=bool(args.sequence_parallel),
+                               distributed_optimizer=bool(args.use_distributed_optimizer))
+    shape = ModelShape.from_args(args)
     m = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    fused_loss = args.fused_mtp_loss is not False  # on by default on GPUs with the Tri kernels built
     reports = []
     for ranks in roles(pp):
         st = measure_stage(args, world, ranks[0])
         inflight = max(perf_model.inflight_microbatches(layout, r, m) for r in ranks)
-        tensors = st.weight_bytes + st.grad_bytes + st.optimizer_bytes + inflight * st.activation_bytes
+        layers = st.activation_bytes - st.head_bytes
+        head = st.head_bytes
+        if fused_loss and head:  # the fused loss cannot run on meta tensors: its workspace as plan_layout projects it
+            head = perf_model.activation_bytes(shape, layout, ranks[-1])["head"]
+        # every micro-batch in flight holds its layers' activations; the head (output layer, loss) is live for
+        # one micro-batch at a time, and so is the layer full recomputation rebuilds in backward (projected)
+        transient = perf_model.activation_bytes(shape, layout, ranks[0])["transient"]
+        tensors = st.weight_bytes + st.grad_bytes + st.optimizer_bytes + inflight * layers + head + transient
         total = tensors * (1 + a.fragmentation) + a.memory_overhead_gib * GIB
         reports.append(StageReport(ranks, st.chunks, st.params, st.weight_bytes, st.grad_bytes, st.optimizer_bytes,
                                    st.activation_bytes, st.head_bytes, inflight, total,
@@ -146,7 +160,9 @@ def format_report(args, world: int, gpu: str, memory_gib: float, reports: List[S
                  f"{worst.total_bytes / GIB:.1f} GiB of {memory_gib * a.usable_memory_fraction:.1f} GiB usable "
                  f"(total = (weights + grads + optimizer + in-flight activations) x {1 + a.fragmentation:g} + "
                  f"{a.memory_overhead_gib:g} GiB overhead); activations measured on meta tensors (flash-attention, "
-                 f"fused-SwiGLU and TE-norm saves; unfused loss)")
+                 f"fused-SwiGLU and TE-norm saves); the loss: " + ("the fused loss's workspace as plan_layout projects it "
+                 f"(megatron's unfused loss, measured, in the table)" if args.fused_mtp_loss is not False else
+                 "megatron's unfused cross entropy, measured"))
     return "\n".join(lines)
 
 
