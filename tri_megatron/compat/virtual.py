@@ -41,7 +41,6 @@ from __future__ import annotations
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 
@@ -122,14 +121,12 @@ class TrackDeviceTensors(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat, _ = tree_flatten((args, kwargs))
         on_device, host = False, None
-        for a in flat:
-            if isinstance(a, torch.Tensor):
-                if is_device_tensor(a):
-                    on_device = True
-                elif a.dim() > 0 and host is None and a.device.type == "cpu":
-                    host = a
+        for a in _tensors(args, kwargs.values()):
+            if is_device_tensor(a):
+                on_device = True
+            elif a.dim() > 0 and host is None and a.device.type == "cpu":
+                host = a
         if on_device and host is not None and func not in _CROSS_DEVICE:
             raise DeviceMismatchError(
                 f"virtual device: {func} mixes device tensors with a {_describe(host)}; on a GPU this fails "
@@ -138,10 +135,22 @@ class TrackDeviceTensors(TorchDispatchMode):
             )
         out = func(*args, **kwargs)
         if on_device and func not in _KEEPS_DESTINATION:
-            for o in tree_flatten(out)[0]:
-                if isinstance(o, torch.Tensor):
-                    mark(o)
+            for o in _tensors((out,)):
+                mark(o)
         return out
+
+
+def _tensors(*groups):
+    """The tensors among aten arguments/results: top level, or inside one list/tuple level (aten's
+    Tensor[] / Tensor?[]) -- cheaper than a pytree flatten on every op."""
+    for group in groups:
+        for a in group:
+            if isinstance(a, torch.Tensor):
+                yield a
+            elif isinstance(a, (list, tuple)):
+                for b in a:
+                    if isinstance(b, torch.Tensor):
+                        yield b
 
 
 def _target_is_device(dev) -> bool:
@@ -203,7 +212,7 @@ def handle_function(func, args, kwargs):
         out = func(*args, **kwargs)
         if not isinstance(out, torch.Tensor):
             return out
-        hosts = {_storage_key(a) for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)}
+        hosts = {_storage_key(a) for a in _tensors(args)}
         if _storage_key(out) in hosts and not is_device_tensor(out):
             out = out.clone()  # as_tensor of a host tensor aliases it: the device gets a copy
         return mark(out)
