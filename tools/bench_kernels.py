@@ -28,7 +28,7 @@ gradient modes (``--grad-mode``): ``bare`` (the weight gradient is a plain ``.gr
   alloc / free events that ``torch.profiler`` (``profile_memory=True``) records during the step,
   less the buffers the CPU BLAS allocates and frees inside one GEMM (bf16 packing; cuBLAS keeps a
   persistent workspace instead). On CPU the sizes are divided by ``--scale`` (default 16 on CPU) in
-  every dimension, and the fused op's tile budget by scale^2 (its minimum chunk rows by scale), so
+  every dimension, and the fused op's tile budget by scale^2 (its GPU minimum chunk rows by scale), so
   the tiling (chunks per head) is that of the full-size run and the memory *ratio*
   carries over; CPU times are the PyTorch reference path, not the CUDA kernels.
 
@@ -257,7 +257,7 @@ def _bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_loc
     paths = {"unfused": megatron, "torch": plain_torch, "fused": fused}
     row = dict(bench="mtp_loss", tp=tp, mtp_depth=depth, grad_mode=grad_mode, tokens=n, hidden=h,
                vocab_local=v_local, dtype=str(dtype).replace("torch.", ""),
-               chunk_rows=fce.default_chunk_size(v_local, dtype, n, grads=True))
+               chunk_rows=fce.default_chunk_size(v_local, dtype, n, grads=True, device=device))
     # gradients of each path (one step from zero), then the fused op's backward path
     grads = {}
     for name, step in paths.items():
@@ -274,8 +274,21 @@ def _bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_loc
     for a, b in (("fused", "torch"), ("fused", "unfused"), ("unfused", "torch")):
         row[f"grad_rel_err_{a}_vs_{b}"] = max(_rel_err(x, y) for x, y in zip(grads[a], grads[b]))
     del grads
-    for name, ms in time_interleaved(paths, device, args.iters, args.warmup).items():
+    # the floor: the three GEMMs per head alone (logits, hidden grad, weight grad), outputs preallocated
+    flat = [(x.detach().reshape(n, h), torch.empty(n, v_local, dtype=dtype, device=device),
+             torch.empty(n, h, dtype=dtype, device=device)) for x in hiddens]
+    gw_out = torch.empty(v_local, h, dtype=dtype, device=device)
+    w_det = weight.detach()
+
+    def gemms():
+        for xf, lg, gx in flat:
+            torch.mm(xf, w_det.t(), out=lg)
+            torch.mm(lg, w_det, out=gx)
+            torch.mm(lg.t(), xf, out=gw_out)
+
+    for name, ms in time_interleaved({**paths, "gemms": gemms}, device, args.iters, args.warmup).items():
         row[f"{name}_ms"] = ms
+    del flat, gw_out
     for name, step in paths.items():
         row[f"{name}_peak_mib"] = peak_bytes(step, device, clear) / 2**20
         clear()
@@ -290,7 +303,8 @@ def _bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_loc
         row[f"mem_ratio{sfx}"] = row["fused_peak_mib"] / max(row[f"{base}_peak_mib"], 1e-9)
     row["mem_ratio_wo_grads"] = (max(row["fused_peak_mib"] - grads_mib, 0.0)
                                  / max(row["unfused_peak_mib"] - grads_mib, 1e-9))
-    print(f"loss  n={n} h={h} v={v_local} D={depth} {grad_mode:4s} | megatron {row['unfused_ms']:9.1f} ms "
+    print(f"loss  n={n} h={h} v={v_local} D={depth} {grad_mode:4s} | GEMMs alone {row['gemms_ms']:9.1f} ms "
+          f"| megatron {row['unfused_ms']:9.1f} ms "
           f"{row['unfused_peak_mib']:8.1f} MiB | torch {row['torch_ms']:9.1f} ms {row['torch_peak_mib']:8.1f} MiB"
           f" | fused {row['fused_ms']:9.1f} ms {row['fused_peak_mib']:8.1f} MiB [{row['fused_backward']}] | "
           f"time x{row['time_ratio']:.3f} (vs torch x{row['time_ratio_vs_torch']:.3f}) mem x{row['mem_ratio']:.3f} "
@@ -310,9 +324,10 @@ def bench_loss(args, device, dtype, scale):
                     rows.append(_bench_loss_case(args, device, dtype, vce, 1, depth, grad_mode, h, n, v))
         return rows
     h, n = TRI21B["hidden"] // scale, TRI21B["tokens"] // scale
-    saved_tile, saved_rows = fce.TILE_BYTES, fce._MIN_GRAD_CHUNK_ROWS
-    fce.TILE_BYTES = max(1, saved_tile // (scale * scale))
-    fce._MIN_GRAD_CHUNK_ROWS = max(1, saved_rows // scale)
+    saved = fce.TILE_BYTES, fce._MIN_GRAD_CHUNK_ROWS, fce._MIN_GRAD_CHUNK_ROWS_CPU
+    fce.TILE_BYTES = max(1, saved[0] // (scale * scale))
+    # the GPU's minimum chunk rows, scaled, on either device: the tiling of the full-size GPU run
+    fce._MIN_GRAD_CHUNK_ROWS = fce._MIN_GRAD_CHUNK_ROWS_CPU = max(1, saved[1] // scale)
     try:
         for tp in args.tp:
             v_local = TRI21B["vocab"] // tp // scale
@@ -320,19 +335,20 @@ def bench_loss(args, device, dtype, scale):
                 for grad_mode in args.grad_mode:
                     rows.append(_bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_local))
     finally:
-        fce.TILE_BYTES, fce._MIN_GRAD_CHUNK_ROWS = saved_tile, saved_rows
+        fce.TILE_BYTES, fce._MIN_GRAD_CHUNK_ROWS, fce._MIN_GRAD_CHUNK_ROWS_CPU = saved
     return rows
 
 
 def print_loss_table(rows):
     """Markdown table of the loss rows (what BENCHMARKS.md quotes)."""
-    print("\n| tokens | hidden | vocab/tp | D | mode | megatron ms | torch ms | fused ms | fused/megatron time "
-          "| fused/torch time | megatron MiB | torch MiB | fused MiB | fused/megatron mem | fused/torch mem "
-          "| grad rel err vs torch | vs megatron |")
-    print("|" + "---|" * 17)
+    print("\n| tokens | hidden | vocab/tp | D | mode | 3 GEMMs alone ms | megatron ms | torch ms | fused ms "
+          "| fused/megatron time | fused/torch time | megatron MiB | torch MiB | fused MiB | fused/megatron mem "
+          "| fused/torch mem | grad rel err vs torch | vs megatron |")
+    print("|" + "---|" * 18)
     for r in rows:
         print(f"| {r['tokens']} | {r['hidden']} | {r['vocab_local']} | {r['mtp_depth']} | {r['grad_mode']} "
-              f"| {r['unfused_ms']:.0f} | {r['torch_ms']:.0f} | {r['fused_ms']:.0f} | **{r['time_ratio']:.2f}** "
+              f"| {r['gemms_ms']:.0f} | {r['unfused_ms']:.0f} | {r['torch_ms']:.0f} | {r['fused_ms']:.0f} "
+              f"| **{r['time_ratio']:.2f}** "
               f"| {r['time_ratio_vs_torch']:.2f} | {r['unfused_peak_mib']:.0f} | {r['torch_peak_mib']:.0f} "
               f"| {r['fused_peak_mib']:.0f} | **{r['mem_ratio']:.3f}** | {r['mem_ratio_vs_torch']:.3f} "
               f"| {r['grad_rel_err_fused_vs_torch']:.1e} | {r['grad_rel_err_fused_vs_unfused']:.1e} |", flush=True)
