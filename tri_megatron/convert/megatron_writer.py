@@ -9,7 +9,8 @@ safetensors through the mapping), narrows it to the chunk, and the writer stores
 memory is one canonical tensor (plus its chunk), whatever the model size.
 
 The result is the torch_dist format megatron-core loads and reshards at any layout (``.metadata`` +
-``__0_0.distcp``, and ``metadata.json`` / ``common.pt`` from megatron's own writers), inside the
+``__0_0.distcp``, ``metadata.json`` from megatron's own writer, and the common state where the
+installed megatron-core keeps it: ``common.pt`` before 0.19, a ``common_state`` object since), inside the
 project's checkpoint directory (``iter_0000000/tri_meta.json``, the tracker file) — what
 ``pretrain_tri.py --load`` continues from. It holds weights only (no optimizer) and no RNG states:
 ``tri_meta.json`` records the runtime as ``host/import``, so a load never looks for them.
@@ -17,6 +18,7 @@ project's checkpoint directory (``iter_0000000/tri_meta.json``, the tracker file
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -170,6 +172,13 @@ def write_checkpoint(root: str, args, get_canonical: Callable[[str], torch.Tenso
 
     build_args = args_from_meta(_model_fields(args), 1, 1, None, bf16=args.bf16, world=1)
     tensors, objects = meta_sharded_state(build_args)
+    common = {"scheduler": None, "iteration": 0, "consumed_samples": 0}  # what save_checkpoint stores
+    # megatron-core < 0.19 keeps the common state in common.pt; 0.19 in the checkpoint, as one object
+    legacy_common = "common_backend" in {f.name for f in dataclasses.fields(CheckpointingConfig)}
+    if not legacy_common:
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        objects.append(ShardedObject("common_state", common, (1,), (0,)))
     source = ChunkSource(get_canonical)
     path = iter_dir(root, 0)
     os.makedirs(path)
@@ -177,8 +186,9 @@ def write_checkpoint(root: str, args, get_canonical: Callable[[str], torch.Tenso
         warnings.simplefilter("ignore")
         dcp.save({}, storage_writer=dcp.FileSystemWriter(path, single_file_per_rank=True, thread_count=1),
                  planner=_planner(tensors, objects, source), no_dist=True)
-    save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), path)
-    torch.save({"scheduler": None, "iteration": 0, "consumed_samples": 0}, os.path.join(path, "common.pt"))
+    save_config(CheckpointingConfig("torch_dist", 1), path)
+    if legacy_common:
+        torch.save(common, os.path.join(path, "common.pt"))
     # the fields training.checkpointing.save_checkpoint records
     model_meta = {f: getattr(args, f, None) for f in SHAPE_FIELDS}
     model_meta.update(model=args.model, seq_length=args.seq_length, rotary_base=args.rotary_base,
