@@ -246,6 +246,7 @@ class MegatronCheckpoint:
             got = self._load(wanted, meta)
             for suffix, key in self.layer_keys.items():
                 yield f"decoder.layers.{i}.{suffix}", got[key][0]
+            del got  # not held while the next region is read
         yield from self._whole(["decoder.final_layernorm.weight"], meta).items()
         if self.dims.untied:
             yield from self._whole(["output_layer.weight"], meta).items()
