@@ -11,7 +11,7 @@ PIP_IGNORE_REQUIRES_PYTHON=1 TRI_EXTRA_PACKAGES=triton TRI_VENV=.venv-ends \
   TRI_CONSTRAINTS=.ci/constraints-ends.txt bash tools/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONWARNINGS=ignore
 exec .venv-ends/bin/python -m pytest -q -p no:cacheprovider --disable-warnings \
-  tests/test_mcore_internals.py tests/test_hf_generate.py tests/test_convert.py \
+  tests/test_mcore_internals.py tests/test_grad_accum_fusion.py tests/test_hf_generate.py tests/test_convert.py \
   "tests/test_parity.py::test_fused_mtp_loss_matches_unfused_path" \
   "tests/test_parity.py::test_layout_matches_single_process[mtp-tp2]" \
   "tests/test_parity.py::test_layout_matches_single_process[mtp-pp2_vpp2]" \
