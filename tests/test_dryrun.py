@@ -112,7 +112,10 @@ def test_bad_launches_exit_2_with_one_line(tmp_path):
     for flags, message in ((valid + ["--world-size", "500"], "world size 500 is not divisible"),
                            (valid + ["--world-size", "512", "--load", str(tmp_path)], f"--load {tmp_path}"),
                            (valid, "--world-size N"),
-                           (valid + ["--world-size", "512", "--gpu-memory", "0"], "--gpu-memory 0")):
+                           (valid + ["--world-size", "512", "--gpu-memory", "0"], "--gpu-memory 0"),
+                           ([f for f in valid if f != "--mock-data"] + ["--world-size", "512", "--data-path",
+                                                                        str(tmp_path / "missing_text_document")],
+                            "--data-path")):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_tri.py"), "--dry-run", *flags],
                               capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
         assert proc.returncode == 2, (flags, proc.stdout[-2000:], proc.stderr[-2000:])
