@@ -6,8 +6,9 @@ process, chunk by chunk: megatron-core's own sharded state dict of the model (bu
 device) says what is stored, each chunk is built from the HF tensors it needs (read one at a time)
 when the writer asks for it — host memory does not grow with the model. megatron-core loads it at
 any layout, so the target layout is what tri_meta.json records and the continue command states;
-it is exactly what ``pretrain_tri.py --load`` continues from. Padded vocabulary rows are zeros. The checkpoint is written to a staging directory and
-renamed into place when complete (and verified, with --verify); a failure writes nothing.
+it is exactly what ``pretrain_tri.py --load`` continues from. Padded vocabulary rows are zeros. The
+checkpoint is written to a staging directory and renamed into place when complete (and verified,
+with --verify, which loads the whole model); a failure writes nothing.
 """
 
 from __future__ import annotations
