@@ -12,7 +12,7 @@ Layouts handled here:
 * SwiGLU ``linear_fc1`` = [gate; up]. Each TP rank holds [gate_i; up_i]; megatron-core's dist
   checkpoint stores the merged [gate; up] (its swiglu sharded factory), so the canonical tensor is
   [gate; up] too. ``fc1_tp_shard`` / ``fc1_merge_tp_shards`` do the per-rank split when ranks'
-  own tensors are involved (the import worker and any per-rank source).
+  own tensors are involved (any per-rank source; the importer writes megatron's TP-merged chunks).
 * Layer-norm-1p (zero-centred gamma): gamma is stored minus one; +1 on export, -1 on import.
 * Vocabulary padding: padded rows dropped on export, restored as zeros on import.
 """

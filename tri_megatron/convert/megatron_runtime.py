@@ -5,8 +5,6 @@
 * ``load_tp1_model``: the model at TP=PP=1, loaded from a distributed checkpoint of any layout by
   megatron-core's own dist_checkpointing (``training.checkpointing.load_checkpoint``).
 * ``megatron_logits`` / ``megatron_greedy``: its logits (main and MTP heads) and greedy decoding.
-* ``fill_from_canonical``: copy canonical (TP-merged) tensors into this rank's model chunks, slicing
-  each parameter's tensor-parallel shard (SwiGLU fc1: [gate_i; up_i] per rank).
 """
 
 from __future__ import annotations
@@ -119,57 +117,3 @@ def megatron_greedy(model, prompt: torch.Tensor, new_tokens: int, vocab_size: in
         logits, _ = megatron_logits(model, x)
         x = torch.cat([x, logits[:, -1, :vocab_size].argmax(-1, keepdim=True)], dim=1)
     return x
-
-
-def canonical_param_name(name: str, layer_map: dict, mtp_map: dict) -> str:
-    from tri_megatron.convert.mapping import canonical_layer_suffix
-
-    parts = name.split(".")
-    if name.startswith("decoder.layers."):
-        return f"decoder.layers.{layer_map[int(parts[2])]}." + canonical_layer_suffix(".".join(parts[3:]))
-    if name.startswith("mtp.layers."):
-        rest = ".".join(parts[3:])
-        inner, _, suffix = rest.partition(".")
-        if inner in ("transformer_layer", "mtp_model_layer"):
-            rest = "transformer_layer." + canonical_layer_suffix(suffix)
-        return f"mtp.layers.{mtp_map[int(parts[2])]}." + rest
-    return name
-
-
-def tp_shard(full: torch.Tensor, param, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This rank's shard of a TP-merged tensor: along megatron's partition_dim, or the one dimension
-    that is tp_size times larger than the parameter's (the vocabulary-parallel embedding)."""
-    from tri_megatron.convert.mapping import fc1_tp_shard
-
-    if tp_size == 1 or tuple(full.shape) == tuple(param.shape):
-        return full
-    if name.endswith("linear_fc1.weight"):
-        return fc1_tp_shard(full, tp_rank, tp_size)
-    dim = getattr(param, "partition_dim", None) if getattr(param, "tensor_model_parallel", False) else None
-    if dim is None:
-        dims = [d for d in range(full.dim()) if full.shape[d] == param.shape[d] * tp_size]
-        dim = dims[0] if len(dims) == 1 else 0
-    return full.chunk(tp_size, dim=dim)[tp_rank]
-
-
-@torch.no_grad()
-def fill_from_canonical(chunks: list, get_canonical) -> int:
-    """Copy canonical tensors into every parameter of this rank's chunks; returns the count."""
-    from megatron.core import parallel_state
-
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    count = 0
-    for model in chunks:
-        layer_map = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
-        mtp = getattr(model, "mtp", None)
-        mtp_map = {i: layer.layer_number - 1 for i, layer in enumerate(mtp.layers)} if mtp is not None else {}
-        for name, param in model.named_parameters():
-            canon = canonical_param_name(name, layer_map, mtp_map)
-            shard = tp_shard(get_canonical(canon), param, name, tp_rank, tp_size)
-            if tuple(shard.shape) != tuple(param.shape):
-                raise ValueError(f"{canon}: source shard {list(shard.shape)} does not fit parameter {name} "
-                                 f"{list(param.shape)}")
-            param.copy_(shard.to(param.dtype))
-            count += 1
-    return count
