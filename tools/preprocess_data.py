@@ -12,7 +12,8 @@ scale with --workers) and the main process appends them with megatron-core's Ind
 documents keep input order. Malformed lines are reported as FILE:LINE; --on-error fail (default) stops
 at the first one, --on-error skip reports each and continues. Outputs are written under temporary names
 and renamed at the end: a failed or interrupted run leaves nothing half-written. --skip-existing leaves
-valid existing outputs alone. --output-per-input makes one output per input file in a single run
+valid existing outputs alone. Each output gets <name>.tokenizer.json beside its .bin/.idx: the
+tokenizer's vocabulary size, content hash and EOD id, which pretrain_tri.py checks against the model. --output-per-input makes one output per input file in a single run
 (one start-up: importing megatron-core takes seconds).
 """
 from __future__ import annotations
@@ -141,11 +142,14 @@ class _Stats:
     docs = tokens = errors = 0
 
 
-def process(inputs: List[str], prefix: str, keys: List[str], dtype, encode, args, stats: _Stats) -> None:
-    """Tokenizes `inputs` into <prefix>_<key>_document.bin/.idx (temporary names until it succeeds)."""
+def process(inputs: List[str], prefix: str, keys: List[str], dtype, encode, args, stats: _Stats,
+            identity: dict) -> None:
+    """Tokenizes `inputs` into <prefix>_<key>_document.bin/.idx (temporary names until it succeeds) and
+    records the tokenizer's identity beside them (<prefix>_<key>_document.tokenizer.json)."""
     from tqdm import tqdm
 
     from tri_megatron.data.indexed import make_builder
+    from tri_megatron.data.tokenizer_identity import write_identity
 
     finals = {k: output_paths(prefix, k) for k in keys}
     tmps = {k: tuple(f"{p}.tmp.{os.getpid()}" for p in finals[k]) for k in keys}
@@ -183,6 +187,7 @@ def process(inputs: List[str], prefix: str, keys: List[str], dtype, encode, args
         for k in keys:
             os.replace(tmps[k][0], finals[k][0])
             os.replace(tmps[k][1], finals[k][1])
+            write_identity(finals[k][0][:-len(".bin")], identity)
         ok = True
     finally:
         if not ok:
@@ -199,6 +204,7 @@ def process(inputs: List[str], prefix: str, keys: List[str], dtype, encode, args
 def run(args) -> int:
     from tri_megatron.data.indexed import check_indexed_dataset, optimal_dtype
     from tri_megatron.data.tokenizer import TriTokenizer
+    from tri_megatron.data.tokenizer_identity import tokenizer_identity
 
     for path in args.input:
         if not os.path.isfile(path):
@@ -226,6 +232,7 @@ def run(args) -> int:
     for _, prefix in jobs:
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     dtype = optimal_dtype(tok.vocab_size)
+    identity = tokenizer_identity(tok)
     init = (tok.path, keys, args.append_eod, np.dtype(dtype).name)
     stats = _Stats()
     pool: Optional[multiprocessing.pool.Pool] = None
@@ -245,7 +252,7 @@ def run(args) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             encode = lambda chunks: map(encode_chunk, chunks)  # noqa: E731
         for inputs, prefix in jobs:
-            process(inputs, prefix, keys, dtype, encode, args, stats)
+            process(inputs, prefix, keys, dtype, encode, args, stats, identity)
     except MalformedLine as exc:
         print(f"error: {exc}; fix the line or pass --on-error skip. Nothing written for this output.",
               file=sys.stderr)

@@ -116,8 +116,9 @@ class MixtureDataset(torch.utils.data.Dataset):
     """Global sample i -> datasets[dataset_index[i]][dataset_sample_index[i]], tagged with its domain id."""
 
     def __init__(self, datasets: List[torch.utils.data.Dataset], domain_ids: Sequence[int], dataset_index,
-                 dataset_sample_index):
+                 dataset_sample_index, vocab_size: Optional[int] = None):
         self.datasets = datasets
+        self.vocab_size = vocab_size  # when set, every sample's ids are checked on the host (tokenizer_identity)
         self.domain_ids = list(domain_ids)
         self.dataset_index = dataset_index
         self.dataset_sample_index = dataset_sample_index
@@ -128,11 +129,23 @@ class MixtureDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         d = int(self.dataset_index[i])
         item = dict(self.datasets[d][int(self.dataset_sample_index[i])])
+        if self.vocab_size is not None:
+            from .tokenizer_identity import check_sample_ids
+
+            check_sample_ids(item, self.vocab_size, _dataset_name(self.datasets[d]))
         item["domain"] = self.domain_ids[d]
         return item
 
 
-def exhaustive_blend(datasets: List[torch.utils.data.Dataset], domain_ids: Sequence[int]) -> MixtureDataset:
+def _dataset_name(ds) -> str:
+    """The --data-path prefix a dataset reads (EpochChain, megatron-core GPTDataset), for messages."""
+    if isinstance(ds, EpochChain):
+        return ds.data.prefix
+    return str(getattr(ds, "dataset_path", None) or type(ds).__name__)
+
+
+def exhaustive_blend(datasets: List[torch.utils.data.Dataset], domain_ids: Sequence[int],
+                     vocab_size: Optional[int] = None) -> MixtureDataset:
     """Every sample of every dataset once, interleaved in proportion to sizes (megatron-core's helper)."""
     from megatron.core.datasets import helpers
 
@@ -142,4 +155,4 @@ def exhaustive_blend(datasets: List[torch.utils.data.Dataset], domain_ids: Seque
     dsi = np.zeros(total, dtype=np.int64)
     if total:
         helpers.build_exhaustive_blending_indices(di, dsi, sizes, len(datasets))
-    return MixtureDataset(datasets, domain_ids, di, dsi)
+    return MixtureDataset(datasets, domain_ids, di, dsi, vocab_size)

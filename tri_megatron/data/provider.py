@@ -3,7 +3,7 @@
     add_data_args(parser)        --data-path, --data-mixture-schedule, --split, --data-cache-path,
                                  --tokenizer, --num-workers, --eod-mask-loss
     validate_data_args(args)     ValueError (one line: flag + fix) for bad files, schedule, split, a
-                                 --vocab-size below the tokenizer's; cheap
+                                 --vocab-size below the tokenizer's or the data's (tokenizer_identity.py)
     data_vocab_size(args)        the tokenizer's vocabulary size, or None without --tokenizer
     build_data(args, dp_rank=, dp_size=, train_samples=, eval_samples=) -> DataBundle   (collective when
                                  torch.distributed is initialised: rank 0 builds the caches first)
@@ -122,6 +122,9 @@ def _plan(args) -> _Plan:
     if tokenizer is not None and model_vocab is not None and model_vocab < tokenizer.vocab_size:
         raise ValueError(f"--vocab-size {model_vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
                          f"({tokenizer.path}); pass --vocab-size {tokenizer.vocab_size} or more")
+    from .tokenizer_identity import check_data_tokenizers
+
+    check_data_tokenizers(prefixes, model_vocab, tokenizer)
     return _Plan(prefixes, weights, prefix_domains, domains, schedule, split_matrix, tokenizer)
 
 
@@ -245,6 +248,7 @@ def build_data(args, *, dp_rank: int, dp_size: int, train_samples: int, eval_sam
     config = gpt_config(int(args.seed), seq_length, plan.prefixes, getattr(args, "split", "98,2,0"), cache,
                         tokenizer, bool(getattr(args, "eod_mask_loss", False)))
     domain_id = {d: i for i, d in enumerate(plan.domains)}
+    model_vocab = getattr(args, "vocab_size", None)  # every sample's ids are checked against it (host side)
     prefix_domain_ids = [domain_id[d] for d in plan.prefix_domains]
 
     def build():
@@ -285,17 +289,17 @@ def build_data(args, *, dp_rank: int, dp_size: int, train_samples: int, eval_sam
         identity = [f"{os.path.basename(p)}:{int(n)}" for p, n in zip(plan.prefixes, epoch_lens)]
         index = build_or_load(positions, W, int(train_samples), os.path.join(cache, "mixture"), identity)
         chains = [EpochChain(d, int(c)) if c > 0 else _Empty() for d, c in zip(data, index.counts)]
-        train = _mixture(chains, prefix_domain_ids, index)
+        train = _mixture(chains, prefix_domain_ids, index, model_vocab)
         valid: Dict[str, object] = {}
         vsets = [(d.valid(), prefix_domain_ids[i]) for i, d in enumerate(data)]
         vsets = [(ds, dom) for ds, dom in vsets if ds is not None and len(ds) > 0]
         if vsets:
-            valid["all"] = exhaustive_blend([v for v, _ in vsets], [d for _, d in vsets])
+            valid["all"] = exhaustive_blend([v for v, _ in vsets], [d for _, d in vsets], model_vocab)
             present = [dom for dom in plan.domains if any(plan.domains[d] == dom for _, d in vsets)]
             if len(present) > 1:
                 for dom in present:
                     sub = [(v, d) for v, d in vsets if plan.domains[d] == dom]
-                    valid[dom] = exhaustive_blend([v for v, _ in sub], [d for _, d in sub])
+                    valid[dom] = exhaustive_blend([v for v, _ in sub], [d for _, d in sub], model_vocab)
         for name, ds in valid.items():
             if eval_samples and len(ds) < eval_samples and _is_first_rank():
                 logger.warning("validation set '%s' has %d samples, fewer than the %d one evaluation reads: "
@@ -334,7 +338,7 @@ class _Empty:
         raise IndexError(k)
 
 
-def _mixture(chains, domain_ids, index):
+def _mixture(chains, domain_ids, index, vocab_size=None):
     from .datasets import MixtureDataset
 
-    return MixtureDataset(chains, domain_ids, index.dataset_index, index.dataset_sample_index)
+    return MixtureDataset(chains, domain_ids, index.dataset_index, index.dataset_sample_index, vocab_size)

@@ -1,0 +1,154 @@
+"""Runs that cannot corrupt themselves (issue 15): data whose token ids the model cannot embed, tokenizer
+errors, --save X --load X on an empty X, the --save lock, Ctrl-C and the restart record."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from launcher import ROOT, TINY, run
+from test_data_common import (bin_dir, corpus_dir, load_script, tokenizer_dir,  # noqa: F401
+                              write_unique_dataset)
+
+FILE_DATA = [f for f in TINY if f != "--mock-data"]
+
+
+def _check(argv, monkeypatch, capsys):
+    """pretrain_tri.py's pre-start checks in-process: (exit code or None, stderr)."""
+    import pretrain_tri
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    try:
+        pretrain_tri.check_before_start(argv)
+        code = None
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _one_error(err):
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(corpus_dir, tmp_path_factory):  # noqa: F811
+    """A second, different tokenizer (smaller vocabulary, one domain) and the en data made with it."""
+    out = tmp_path_factory.mktemp("tok2")
+    assert load_script("tools/train_tokenizer.py").main(
+        ["--input", os.path.join(corpus_dir, "en.jsonl"), "--vocab-size", "400", "--output", str(out / "tok"),
+         "--heldout-docs", "5"]) == 0
+    assert load_script("tools/preprocess_data.py").main(
+        ["--input", os.path.join(corpus_dir, "en.jsonl"), "--output-prefix", str(out / "en2"),
+         "--tokenizer", str(out / "tok"), "--append-eod", "--quiet"]) == 0
+    return {"tokenizer": str(out / "tok"), "prefix": str(out / "en2_text_document")}
+
+
+# ---------------------------------------------------------------- item 2: ids beyond the vocabulary
+
+def test_preprocess_records_the_tokenizer(bin_dir, tokenizer_dir):  # noqa: F811
+    from tokenizers import Tokenizer
+
+    rec = json.load(open(os.path.join(bin_dir, "ko_text_document.tokenizer.json")))
+    tok = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+    assert rec["vocab_size"] == tok.get_vocab_size(with_added_tokens=True)
+    assert rec["eod"] == tok.token_to_id("<|endoftext|>")
+    # the hash is of the canonical content: a re-indented copy of tokenizer.json has the same identity
+    from tri_megatron.data.tokenizer import TriTokenizer
+    from tri_megatron.data.tokenizer_identity import tokenizer_identity
+
+    copy = os.path.join(bin_dir, "reindented")
+    os.makedirs(copy, exist_ok=True)
+    with open(os.path.join(tokenizer_dir, "tokenizer.json")) as f:
+        content = json.load(f)
+    with open(os.path.join(copy, "tokenizer.json"), "w") as f:
+        json.dump(content, f, indent=4)
+    assert tokenizer_identity(TriTokenizer(copy))["sha256"] == rec["sha256"]
+    assert len(rec["sha256"]) == 64
+
+
+def test_data_vocab_above_the_models_is_refused_before_start(bin_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    prefix = os.path.join(bin_dir, "ko_text_document")
+    save = tmp_path / "save"
+    code, err = _check([*FILE_DATA, "--data-path", prefix, "--vocab-size", "512", "--save", str(save)],
+                       monkeypatch, capsys)
+    assert code == 2
+    line = _one_error(err)
+    assert prefix in line and "700-token vocabulary" in line and "--tokenizer" in line
+    assert not save.exists()
+    # the preset's vocabulary (1024) holds the 700-token data: accepted
+    code, err = _check([*FILE_DATA, "--data-path", prefix], monkeypatch, capsys)
+    assert code is None, err
+
+
+def test_blend_of_two_tokenizers_is_refused(bin_dir, other_tokenizer, monkeypatch, capsys):  # noqa: F811
+    ko = os.path.join(bin_dir, "ko_text_document")
+    code, err = _check([*FILE_DATA, "--data-path", ko, other_tokenizer["prefix"]], monkeypatch, capsys)
+    assert code == 2
+    line = _one_error(err)
+    assert other_tokenizer["prefix"] in line and ko in line and "one tokenizer" in line
+
+
+def test_data_made_with_another_tokenizer_than_tokenizer_flag(bin_dir, tokenizer_dir, other_tokenizer,  # noqa: F811
+                                                               monkeypatch, capsys):
+    code, err = _check([*FILE_DATA, "--data-path", other_tokenizer["prefix"], "--tokenizer", tokenizer_dir],
+                       monkeypatch, capsys)
+    assert code == 2
+    line = _one_error(err)
+    assert other_tokenizer["prefix"] in line and "not --tokenizer" in line
+    code, err = _check([*FILE_DATA, "--data-path", other_tokenizer["prefix"], "--tokenizer",
+                        other_tokenizer["tokenizer"]], monkeypatch, capsys)
+    assert code is None, err
+
+
+def test_data_without_a_record_is_scanned(tmp_path, monkeypatch, capsys, caplog):
+    big = str(tmp_path / "old" / "big_text_document")  # ids up to 10 + 300 + 299 = 609
+    small = str(tmp_path / "old" / "small_text_document")
+    write_unique_dataset(big, [100, 100, 100, 100], 10)
+    write_unique_dataset(small, [50, 50, 50, 50], 0)
+    code, err = _check([*FILE_DATA, "--data-path", big, "--vocab-size", "256"], monkeypatch, capsys)
+    assert code == 2
+    line = _one_error(err)
+    assert big in line and "token id 409" in line
+    with caplog.at_level("WARNING", logger="tri_megatron.data"):
+        code, err = _check([*FILE_DATA, "--data-path", small, "--vocab-size", "256"], monkeypatch, capsys)
+    assert code is None, err
+    assert any("no .tokenizer.json" in r.getMessage() and small in r.getMessage() for r in caplog.records)
+
+
+def test_the_dry_run_checks_the_data_tokenizer(bin_dir, tmp_path):  # noqa: F811
+    prefix = os.path.join(bin_dir, "ko_text_document")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_tri.py"), "--dry-run", "--world-size", "4",
+                           *FILE_DATA, "--data-path", prefix, "--vocab-size", "512"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert prefix in _one_error(proc.stderr) and "dry run:" not in proc.stdout
+
+
+def test_a_sample_beyond_the_vocabulary_names_its_dataset():
+    from tri_megatron.data.datasets import MixtureDataset
+
+    class Fixed(torch.utils.data.Dataset):
+        dataset_path = "data/bad_text_document"
+
+        def __init__(self, top):
+            self.top = top
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, k):
+            t = torch.arange(self.top - 8, self.top + 1)
+            return {"tokens": t[:-1], "labels": t[1:]}
+
+    ds = MixtureDataset([Fixed(99), Fixed(100)], [0, 1], np.array([0, 0, 1], dtype=np.int16),
+                        np.array([0, 1, 0], dtype=np.int64), vocab_size=100)
+    assert int(ds[0]["labels"].max()) == 99  # the largest legal id passes
+    with pytest.raises(ValueError, match=r"^--data-path data/bad_text_document: a sample holds token id 100"):
+        ds[2]
