@@ -32,8 +32,8 @@ def resolve_runtime(args):
 def check_before_start(argv=None, with_runtime: bool = False):
     """Parse and validate everything checkable without processes or models, and decide the device;
     exit 2 on error. Returns args (and the runtime when with_runtime)."""
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)  # --tokenizer is read here (the model's vocabulary follows it)
         rt = resolve_runtime(args)
         validate_args(args, world_size_from_env())
         from tri_megatron.model.config import padded_vocab_size

@@ -152,3 +152,34 @@ def test_a_sample_beyond_the_vocabulary_names_its_dataset():
     assert int(ds[0]["labels"].max()) == 99  # the largest legal id passes
     with pytest.raises(ValueError, match=r"^--data-path data/bad_text_document: a sample holds token id 100"):
         ds[2]
+
+
+# ---------------------------------------------------------------- item 5: tokenizer errors
+
+@pytest.mark.parametrize("case", ["empty_dir", "missing", "invalid_json", "not_a_tokenizer", "bad_config"])
+def test_tokenizer_errors_are_one_line_exit_2(case, tokenizer_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    path = tmp_path / "tok"
+    if case == "empty_dir":
+        path.mkdir()
+    elif case == "invalid_json":
+        path.mkdir()
+        (path / "tokenizer.json").write_text('{"model": ')
+    elif case == "not_a_tokenizer":
+        path.mkdir()
+        (path / "tokenizer.json").write_text('{"hello": 1}')
+    elif case == "bad_config":
+        shutil.copytree(tokenizer_dir, path)
+        (path / "tokenizer_config.json").write_text("{oops")
+    save = tmp_path / "save"
+    code, err = _check([*TINY, "--tokenizer", str(path), "--save", str(save)], monkeypatch, capsys)
+    assert code == 2, err
+    line = _one_error(err)
+    assert f"--tokenizer {path}" in line and "Traceback" not in err
+    assert not save.exists()
+
+
+def test_tokenizer_error_from_the_command_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run(1, [*TINY, "--tokenizer", str(tmp_path / "empty")], check=False, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "has no tokenizer.json" in _one_error(proc.stderr)

@@ -151,7 +151,10 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     if args.vocab_size is None and getattr(args, "tokenizer", None):
         from tri_megatron.data.provider import data_vocab_size
 
-        args.vocab_size = data_vocab_size(args)  # the model's vocabulary follows the tokenizer
+        try:
+            args.vocab_size = data_vocab_size(args)  # the model's vocabulary follows the tokenizer
+        except ValueError as e:  # missing path, empty directory, invalid tokenizer.json: one line, exit 2
+            raise ArgumentError(str(e)) from None
     for field in _ARCH_FIELDS:
         if field == "seq_length":
             continue

@@ -51,8 +51,14 @@ class TriTokenizer:
         config = {}
         config_path = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
         if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"--tokenizer {path}: {config_path} is not valid JSON ({exc}); fix or remove it") \
+                    from None
+            if not isinstance(config, dict):
+                raise ValueError(f"--tokenizer {path}: {config_path} is not a JSON object; fix or remove it")
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         names = [eod_token] if eod_token else []
