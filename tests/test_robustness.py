@@ -183,3 +183,23 @@ def test_tokenizer_error_from_the_command_line(tmp_path):
     proc = run(1, [*TINY, "--tokenizer", str(tmp_path / "empty")], check=False, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "has no tokenizer.json" in _one_error(proc.stderr)
+
+
+# ---------------------------------------------------------------- item 6: --save X --load X on an empty X
+
+def test_save_and_load_the_same_empty_dir_starts_from_scratch(tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "ckpt"
+    proc = run(1, [*TINY, "--train-iters", "2", "--save", str(ckpt), "--load", str(ckpt)], check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no checkpoint yet; starting from scratch" in proc.stderr
+    assert "starting at iteration 0" in proc.stdout
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    # strict: the same command with --exit-on-missing-checkpoint on an empty directory stops, writes nothing
+    empty = tmp_path / "empty"
+    code, err = _check([*TINY, "--save", str(empty), "--load", str(empty), "--exit-on-missing-checkpoint"],
+                       monkeypatch, capsys)
+    assert code == 2 and f"--load {empty}" in _one_error(err)
+    assert not empty.exists()
+    # a --load elsewhere with nothing in it is still a mistake (a wrong path), not a fresh start
+    code, err = _check([*TINY, "--save", str(empty), "--load", str(tmp_path / "typo")], monkeypatch, capsys)
+    assert code == 2 and "--load" in _one_error(err)

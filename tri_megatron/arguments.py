@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 
 from tri_megatron.presets import PRESETS, Preset, get_preset
 
@@ -108,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=0)
     g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="exit 2 when --load holds no checkpoint (default: --load X --save X on an empty X starts "
+                        "from scratch with a warning, as Megatron)")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--log-json", default=None, help="write one JSON object per iteration to PATH")
@@ -295,9 +300,17 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     args.auto_resume = args.load is None and bool(args.save) and find_latest_checkpoint(args.save) is not None
     if args.auto_resume:
         args.load = args.save
-    if args.load is not None:
-        if find_latest_checkpoint(args.load) is None:
-            raise ArgumentError(f"--load {args.load}: no complete checkpoint there; check the path or drop --load")
+    if args.load is not None and find_latest_checkpoint(args.load) is None:
+        same = bool(args.save) and os.path.realpath(args.load) == os.path.realpath(args.save)
+        if not same or args.exit_on_missing_checkpoint:
+            raise ArgumentError(f"--load {args.load}: no complete checkpoint there; check the path or drop --load"
+                                + (" (--exit-on-missing-checkpoint)" if same else ""))
+        from tri_megatron.training.distributed import launch_env
+
+        if launch_env()["rank"] == 0:  # the usual `--save X --load X`: the first run of a job starts afresh
+            print(f"pretrain_tri.py: warning: --load {args.load}: no checkpoint yet; starting from scratch "
+                  f"(--exit-on-missing-checkpoint to stop instead)", file=sys.stderr, flush=True)
+        args.load = None
     if args.save_interval and not args.save:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.log_interval < 1:
