@@ -93,27 +93,42 @@ def main(argv=None) -> list:
     except DeviceError as e:  # the ranks decided differently: all of them stop here
         print(f"pretrain_tri.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    try:
-        data = build_data(args, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
-        trainer = Trainer(args, rt)
-        logger = MetricsLogger(args, env["rank"])
+    from tri_megatron.training.checkpointing import lock_save_dir
+
+    lock, locked = lock_save_dir(args, env["rank"])  # before anything is read from or written to --save
+    if locked:
         if env["rank"] == 0:
-            print(f"tri_megatron: {args.model} | layout TP={args.tensor_model_parallel_size} "
-                  f"PP={args.pipeline_model_parallel_size} VPP={args.virtual_pipeline_model_parallel_size or 1} "
-                  f"CP={args.context_parallel_size} DP={args.data_parallel_size} | {rt.describe()} | "
-                  f"{'Transformer Engine' if trainer.use_te else 'local (torch SDPA)'} layers | "
-                  f"starting at iteration {trainer.iteration}"
-                  + (f" (auto-resumed from --save {args.save})" if args.auto_resume else ""), flush=True)
-        history = trainer.train(data, logger, on_save=make_on_save(args, env["rank"]))
-        logger.close()
-    finally:
+            print(f"pretrain_tri.py: error: {locked}", file=sys.stderr)
         destroy_distributed()
-    reason = trainer.exit_reason[0] if trainer.exit_reason else None
-    if reason == "nonfinite":
-        sys.exit(fault.EXIT_NONFINITE)
-    if (args.slurm_requeue and env["rank"] == 0 and reason in ("signal", "duration")
-            and trainer.iteration < args.train_iters):
-        fault.requeue_slurm_job()  # last: SLURM ends this job's processes as it requeues it
+        sys.exit(2)
+    try:
+        try:
+            data = build_data(args, parallel_state.get_data_parallel_rank(),
+                              parallel_state.get_data_parallel_world_size())
+            trainer = Trainer(args, rt)
+            logger = MetricsLogger(args, env["rank"])
+            if env["rank"] == 0:
+                print(f"tri_megatron: {args.model} | layout TP={args.tensor_model_parallel_size} "
+                      f"PP={args.pipeline_model_parallel_size} VPP={args.virtual_pipeline_model_parallel_size or 1} "
+                      f"CP={args.context_parallel_size} DP={args.data_parallel_size} | {rt.describe()} | "
+                      f"{'Transformer Engine' if trainer.use_te else 'local (torch SDPA)'} layers | "
+                      f"starting at iteration {trainer.iteration}"
+                      + (f" (auto-resumed from --save {args.save})" if args.auto_resume else ""), flush=True)
+            history = trainer.train(data, logger, on_save=make_on_save(args, env["rank"]))
+            logger.close()
+        finally:
+            destroy_distributed()
+        reason = trainer.exit_reason[0] if trainer.exit_reason else None
+        if reason == "nonfinite":
+            sys.exit(fault.EXIT_NONFINITE)
+        if (args.slurm_requeue and env["rank"] == 0 and reason in ("signal", "duration")
+                and trainer.iteration < args.train_iters):
+            if lock is not None:
+                lock.release()  # the requeued job takes it
+            fault.requeue_slurm_job()  # last: SLURM ends this job's processes as it requeues it
+    finally:
+        if lock is not None:
+            lock.release()
     return history
 
 

@@ -203,3 +203,103 @@ def test_save_and_load_the_same_empty_dir_starts_from_scratch(tmp_path, monkeypa
     # a --load elsewhere with nothing in it is still a mistake (a wrong path), not a fresh start
     code, err = _check([*TINY, "--save", str(empty), "--load", str(tmp_path / "typo")], monkeypatch, capsys)
     assert code == 2 and "--load" in _one_error(err)
+
+
+# ---------------------------------------------------------------- item 1: the --save lock
+
+def _write_lock(save, **record):
+    import socket
+
+    from tri_megatron.training.checkpointing import LOCK
+
+    save.mkdir(parents=True, exist_ok=True)
+    rec = {"host": socket.gethostname(), "pid": None, "slurm_job_id": "4242", "start_time": "2026-01-01T00:00:00",
+           "token": "other"}
+    rec.update(record)
+    (save / LOCK).write_text(json.dumps(rec))
+    return save / LOCK
+
+
+@pytest.fixture
+def live_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_lock_held_by_a_live_run_on_this_host(tmp_path, live_pid):
+    from tri_megatron.training.checkpointing import SaveDirLock, SaveDirLocked
+
+    path = _write_lock(tmp_path / "save", pid=live_pid)
+    with pytest.raises(SaveDirLocked, match=rf"pid {live_pid}, SLURM job 4242, started 2026-01-01"):
+        SaveDirLock(str(tmp_path / "save")).acquire()
+    assert json.loads(path.read_text())["pid"] == live_pid  # untouched
+
+
+def test_stale_lock_of_a_dead_pid_on_this_host_is_taken_over(tmp_path):
+    from tri_megatron.training.checkpointing import SaveDirLock
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    path = _write_lock(tmp_path / "save", pid=gone.pid)
+    lock = SaveDirLock(str(tmp_path / "save")).acquire()
+    assert f"pid {gone.pid} on this host is gone" in lock.took_over
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not path.exists()
+
+
+def test_other_hosts_lock_is_stale_only_without_heartbeat(tmp_path):
+    import time
+
+    from tri_megatron.training.checkpointing import SaveDirLock, SaveDirLocked
+
+    path = _write_lock(tmp_path / "save", host="node-elsewhere-17", pid=1)
+    with pytest.raises(SaveDirLocked, match="host node-elsewhere-17 pid 1"):
+        SaveDirLock(str(tmp_path / "save"), stale_minutes=10).acquire()
+    old = time.time() - 11 * 60
+    os.utime(path, (old, old))
+    lock = SaveDirLock(str(tmp_path / "save"), stale_minutes=10).acquire()
+    assert "heartbeat is 11 min old (host node-elsewhere-17; stale after 10 min" in lock.took_over
+    lock.release()
+
+
+def test_heartbeat_refreshes_the_lock(tmp_path):
+    import time
+
+    from tri_megatron.training.checkpointing import SaveDirLock
+
+    lock = SaveDirLock(str(tmp_path / "save"), heartbeat_s=0.05).acquire()
+    old = time.time() - 3600
+    os.utime(lock.path, (old, old))
+    deadline = time.time() + 10
+    while os.path.getmtime(lock.path) < old + 60 and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.path.getmtime(lock.path) > old + 60
+    lock.release()
+
+
+def test_second_run_on_the_same_save_exits_2_before_writing(tmp_path, live_pid):
+    save = tmp_path / "save"
+    _write_lock(save, pid=live_pid)
+    log = tmp_path / "log.jsonl"
+    proc = run(1, [*TINY, "--train-iters", "2", "--save", str(save), "--log-json", str(log)], check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _one_error(proc.stderr)
+    assert f"--save {save}: in use by another run (host" in line and f"pid {live_pid}, SLURM job 4242" in line
+    assert sorted(os.listdir(save)) == ["tri_run.lock"] and not log.exists()
+
+
+def test_lock_released_on_normal_and_fault_tolerant_exits(tmp_path):
+    save = tmp_path / "save"
+    proc = run(1, [*TINY, "--train-iters", "2", "--save", str(save)], check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (save / "tri_run.lock").exists()
+    # --exit-interval: save and exit 0 mid-run; the next run (same command) resumes, taking the lock again
+    proc = run(1, [*TINY, "--train-iters", "6", "--save", str(save), "--exit-interval", "3"], check=False,
+               timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting at iteration 2" in proc.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert not (save / "tri_run.lock").exists()
