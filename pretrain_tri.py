@@ -107,6 +107,11 @@ def main(argv=None) -> list:
                               parallel_state.get_data_parallel_world_size())
             trainer = Trainer(args, rt)
             logger = MetricsLogger(args, env["rank"])
+            if args.load:  # records of iterations after this one written before this line are superseded
+                import time
+
+                logger.event({"event": "restart", "iteration": trainer.iteration, "load": args.load,
+                              "auto_resume": bool(args.auto_resume), "time": time.time()})
             if env["rank"] == 0:
                 print(f"tri_megatron: {args.model} | layout TP={args.tensor_model_parallel_size} "
                       f"PP={args.pipeline_model_parallel_size} VPP={args.virtual_pipeline_model_parallel_size or 1} "

@@ -303,3 +303,70 @@ def test_lock_released_on_normal_and_fault_tolerant_exits(tmp_path):
     assert "starting at iteration 2" in proc.stdout
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     assert not (save / "tri_run.lock").exists()
+
+
+# ---------------------------------------------------------------- item 4: Ctrl-C, the restart record
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_ctrl_c_saves_and_the_resume_writes_a_restart_record(tmp_path):
+    import signal
+    import time
+
+    from launcher import PRETRAIN, free_port
+
+    save, js, log = tmp_path / "ckpt", tmp_path / "run.jsonl", tmp_path / "run.log"
+    cmd = [*TINY, "--train-iters", "8", "--save", str(save), "--save-interval", "100", "--log-json", str(js)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TRI_TEST_ITER_SLEEP_S="0.3",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID"):
+        env.pop(var, None)
+    proc = subprocess.Popen([sys.executable, PRETRAIN, *cmd], cwd=ROOT, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (js.exists() and sum("lm_loss" in ln for ln in js.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the whole foreground group
+        assert proc.wait(120) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert "got SIGINT: will save a checkpoint" in out and "Traceback" not in out
+    stopped = [r for r in _records(js) if "lm_loss" in r][-1]["iteration"]
+    assert 2 <= stopped < 8
+    # nothing lost: the checkpoint is of the last logged iteration, although --save-interval is 100
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
+    assert not (save / "tri_run.lock").exists()
+
+    run(1, cmd, timeout=300)  # the same command: auto-resume
+    recs = _records(js)
+    restarts = [i for i, r in enumerate(recs) if r.get("event") == "restart"]
+    assert len(restarts) == 1 and recs[restarts[0]]["iteration"] == stopped and recs[restarts[0]]["auto_resume"]
+    after = [r["iteration"] for r in recs[restarts[0] + 1:] if "lm_loss" in r]
+    assert after == list(range(stopped + 1, 9))
+
+
+def test_sigint_is_a_default_exit_signal_and_a_second_one_aborts():
+    import signal
+    import time
+
+    from tri_megatron.arguments import parse_args
+    from tri_megatron.training.fault import ExitSignalHandler, parse_signals
+
+    assert signal.SIGINT in parse_signals(parse_args(TINY).exit_signals)
+    h = ExitSignalHandler([signal.SIGINT]).install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert h.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        h.restore()

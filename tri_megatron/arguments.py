@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense bf16 peak of one device for MFU (default: detected; 989 for H100)")
 
     g = p.add_argument_group("fault tolerance (tri_megatron.training.fault)")
-    g.add_argument("--exit-signals", default="SIGTERM,SIGUSR1", metavar="SIG[,SIG...]",
-                   help="on any of these signals (on any rank) finish the current iteration, save and exit 0; "
+    g.add_argument("--exit-signals", default="SIGTERM,SIGINT,SIGUSR1", metavar="SIG[,SIG...]",
+                   help="on any of these signals (on any rank) finish the current iteration, save and exit 0 "
+                        "(SIGINT: Ctrl-C; a second one aborts without saving); "
                         "'none' to keep the default actions (default: %(default)s)")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="save and exit 0 once this many minutes have passed since the process started")

@@ -3,7 +3,8 @@
 At thousands of GPUs, preemption and bad steps are routine; this module makes them boring.
 
 * **Exit signals** (``--exit-signals``, default SIGTERM and SIGUSR1, what SLURM sends before a time
-  limit or preemption, e.g. ``#SBATCH --signal=B:USR1@120``): the handler only records the signal.
+  limit or preemption, e.g. ``#SBATCH --signal=B:USR1@120``, and SIGINT, Ctrl-C): the handler only
+  records the signal (a second SIGINT aborts at once, without saving: KeyboardInterrupt).
   After every iteration all ranks agree (one all-reduce of two numbers) whether *any* rank got
   one, or whether ``--exit-duration-in-mins`` has passed on any rank, so every rank stops after
   the same iteration; the loop then saves a checkpoint and the process exits 0. With
@@ -45,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 EXIT_NONFINITE = 3  # process exit code when the run stops on a non-finite loss or gradient
-DEFAULT_EXIT_SIGNALS = "SIGTERM,SIGUSR1"
+DEFAULT_EXIT_SIGNALS = "SIGTERM,SIGINT,SIGUSR1"
 _START_TIME = time.time()  # process start, for --exit-duration-in-mins (as Megatron)
 
 
@@ -84,6 +85,9 @@ class ExitSignalHandler:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:  # Ctrl-C twice: the user wants out now
+            os.write(2, b"tri_megatron: second SIGINT: aborting without saving\n")
+            raise KeyboardInterrupt
         if self.received is None:
             self.received = signal.Signals(signum)
             who = f"rank {self.rank}" if self.rank is not None else f"pid {os.getpid()}"

@@ -56,6 +56,11 @@ class MetricsLogger:
             ]
             print(" | ".join(parts), flush=True)
 
+    def event(self, record: dict) -> None:
+        """A non-iteration record in --log-json (e.g. {"event": "restart", ...}); rank 0 only."""
+        if self.enabled and self.json:
+            self.json.write(json.dumps(record) + "\n")
+
     def eval(self, iteration: int, losses: dict) -> None:
         if not self.enabled:
             return
