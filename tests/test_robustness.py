@@ -121,6 +121,18 @@ def test_data_without_a_record_is_scanned(tmp_path, monkeypatch, capsys, caplog)
     assert any("no .tokenizer.json" in r.getMessage() and small in r.getMessage() for r in caplog.records)
 
 
+def test_large_files_are_sampled_from_start_to_end(tmp_path, monkeypatch):
+    from tri_megatron.data import tokenizer_identity as ti
+
+    prefix = str(tmp_path / "seq_text_document")
+    write_unique_dataset(prefix, [500, 500], 0)  # ids 0..999 in order
+    assert ti.max_token_id(prefix, np.int32) == 999  # small: the whole file
+    monkeypatch.setattr(ti, "_FULL_SCAN_TOKENS", 100)
+    monkeypatch.setattr(ti, "_WINDOW", 10)
+    monkeypatch.setattr(ti, "_SAMPLES", 4)
+    assert ti.max_token_id(prefix, np.int32) == 999  # windows at 0, 330, 660, 990: the last one included
+
+
 def test_the_dry_run_checks_the_data_tokenizer(bin_dir, tmp_path):  # noqa: F811
     prefix = os.path.join(bin_dir, "ko_text_document")
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -331,6 +343,8 @@ def test_ctrl_c_saves_and_the_resume_writes_a_restart_record(tmp_path):
         while not (js.exists() and sum("lm_loss" in ln for ln in js.read_text().splitlines()) >= 2):
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
+        lock = json.loads((save / "tri_run.lock").read_text())  # held while the run uses --save
+        assert lock["pid"] == proc.pid and lock["host"] and lock["start_time"]
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the whole foreground group
         assert proc.wait(120) == 0, log.read_text()[-3000:]
     finally:

@@ -24,8 +24,10 @@ import numpy as np
 logger = logging.getLogger("tri_megatron.data")
 
 SUFFIX = ".tokenizer.json"
-_FULL_SCAN_TOKENS = 1 << 28  # larger .bin files: max over _SAMPLES evenly spaced windows of _WINDOW tokens
-_SAMPLES, _WINDOW = 256, 1 << 20
+# every rank runs the pre-start checks: larger .bin files are sampled (_SAMPLES evenly spaced windows of
+# _WINDOW tokens); what the sample misses, the data path's per-sample check catches
+_FULL_SCAN_TOKENS = 1 << 24
+_SAMPLES, _WINDOW = 16, 1 << 20
 
 
 def identity_path(prefix: str) -> str:
@@ -63,7 +65,7 @@ def read_identity(prefix: str) -> Optional[dict]:
 
 
 def max_token_id(prefix: str, dtype) -> int:
-    """Largest token id in PREFIX.bin: exact up to 2^28 tokens, else over evenly spaced windows."""
+    """Largest token id in PREFIX.bin: exact up to 2^24 tokens, else over evenly spaced windows."""
     mm = np.memmap(prefix + ".bin", mode="r", dtype=dtype)
     try:
         n = mm.shape[0]
@@ -92,8 +94,11 @@ def check_data_tokenizers(prefixes: List[str], model_vocab: Optional[int], token
             if np.iinfo(dtype).max < model_vocab:
                 continue  # the file's dtype cannot hold an id outside the vocabulary
             top = max_token_id(prefix, dtype)
-            logger.warning("--data-path %s: no %s (preprocessed before tokenizer records); checked its largest "
-                           "token id (%d) against --vocab-size %d", prefix, SUFFIX, top, model_vocab)
+            from tri_megatron.training.distributed import launch_env
+
+            if launch_env()["rank"] == 0:
+                logger.warning("--data-path %s: no %s (preprocessed before tokenizer records); checked its largest "
+                               "token id (%d) against --vocab-size %d", prefix, SUFFIX, top, model_vocab)
             if top >= model_vocab:
                 raise ValueError(f"--data-path {prefix}: {prefix}.bin holds token id {top} but the model's vocabulary "
                                  f"is {model_vocab}; pass the --tokenizer it was made with (or --vocab-size "
