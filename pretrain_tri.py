@@ -36,20 +36,10 @@ def check_before_start(argv=None, with_runtime: bool = False):
         args = parse_args(argv)  # --tokenizer is read here (the model's vocabulary follows it)
         rt = resolve_runtime(args)
         validate_args(args, world_size_from_env())
-        from tri_megatron.model.config import padded_vocab_size
+        from tri_megatron.launch_checks import check_vocab_and_load
 
-        try:
-            padded_vocab_size(args.vocab_size, args.tensor_model_parallel_size)
-        except ValueError as e:
-            raise ArgumentError(str(e)) from None
-        if args.load:
-            from tri_megatron.training.checkpointing import check_compatible, find_latest_checkpoint
-
-            try:
-                check_compatible(find_latest_checkpoint(args.load), args)
-            except ValueError as e:
-                hint = " (found in --save: auto-resume; use a new --save directory to start afresh)"
-                raise ArgumentError(str(e) + (hint if args.auto_resume else "")) from None
+        hint = " (found in --save: auto-resume; use a new --save directory to start afresh)"
+        check_vocab_and_load(args, hint if args.auto_resume else "")
     except ArgumentError as e:
         print(f"pretrain_tri.py: error: {e}", file=sys.stderr)
         sys.exit(2)

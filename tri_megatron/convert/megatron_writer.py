@@ -168,7 +168,7 @@ def write_checkpoint(root: str, args, get_canonical: Callable[[str], torch.Tenso
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
     from tri_megatron.convert.megatron_runtime import args_from_meta
-    from tri_megatron.training.checkpointing import META, SHAPE_FIELDS, TRACKER, _layout, iter_dir
+    from tri_megatron.training.checkpointing import META, TRACKER, checkpoint_meta, iter_dir
 
     build_args = args_from_meta(_model_fields(args), 1, 1, None, bf16=args.bf16, world=1)
     tensors, objects = meta_sharded_state(build_args)
@@ -189,17 +189,8 @@ def write_checkpoint(root: str, args, get_canonical: Callable[[str], torch.Tenso
     save_config(CheckpointingConfig("torch_dist", 1), path)
     if legacy_common:
         torch.save(common, os.path.join(path, "common.pt"))
-    # the fields training.checkpointing.save_checkpoint records
-    model_meta = {f: getattr(args, f, None) for f in SHAPE_FIELDS}
-    model_meta.update(model=args.model, seq_length=args.seq_length, rotary_base=args.rotary_base,
-                      no_rope_freq=args.no_rope_freq, window_size=args.window_size,
-                      window_attn_skip_freq=args.window_attn_skip_freq,
-                      attn_temperature_tuning=bool(args.attn_temperature_tuning),
-                      attn_floor_scale=args.attn_floor_scale, attn_scale=args.attn_scale,
-                      norm_epsilon=args.norm_epsilon, max_position_embeddings=args.max_position_embeddings)
     with open(os.path.join(path, META), "w") as f:
-        json.dump({"iteration": 0, "consumed_samples": 0, "layout": _layout(args), "runtime": IMPORT_RUNTIME,
-                   "model": model_meta, "has_optimizer": False}, f, indent=1)
+        json.dump(checkpoint_meta(args, 0, 0, IMPORT_RUNTIME, has_optimizer=False), f, indent=1)
     with open(os.path.join(root, TRACKER), "w") as f:
         f.write("0")
     return {"chunks": len(tensors), "objects": len(objects), "peak_tensor_bytes": source.peak_tensor_bytes}

@@ -70,23 +70,13 @@ def _transformer_engine_on_target():
 
 def validate(argv: list, world: int):
     """The pretrain_tri.py namespace for argv at world size ``world``; ArgumentError on bad input."""
-    from tri_megatron.arguments import ArgumentError, parse_args, validate_args
-    from tri_megatron.model.config import padded_vocab_size
+    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.launch_checks import check_vocab_and_load
 
     args = parse_args(argv)
     with _transformer_engine_on_target():
         validate_args(args, world)
-    try:
-        padded_vocab_size(args.vocab_size, args.tensor_model_parallel_size)
-    except ValueError as e:
-        raise ArgumentError(str(e)) from None
-    if args.load:
-        from tri_megatron.training.checkpointing import check_compatible, find_latest_checkpoint
-
-        try:
-            check_compatible(find_latest_checkpoint(args.load), args)
-        except ValueError as e:
-            raise ArgumentError(str(e)) from None
+    check_vocab_and_load(args)
     args.transformer_impl = "local"  # what this host builds (same parameters as the TE spec)
     return args
 

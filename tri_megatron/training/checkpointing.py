@@ -117,6 +117,19 @@ def _rng_state(rt) -> dict:
     }
 
 
+def checkpoint_meta(args, iteration: int, consumed_samples: int, runtime: dict, has_optimizer: bool) -> dict:
+    """The contents of a checkpoint's tri_meta.json (the architecture, layout and runtime that wrote it)."""
+    model_meta = {f: getattr(args, f, None) for f in SHAPE_FIELDS}
+    model_meta.update(model=args.model, seq_length=args.seq_length, rotary_base=args.rotary_base,
+                      no_rope_freq=args.no_rope_freq, window_size=args.window_size,
+                      window_attn_skip_freq=args.window_attn_skip_freq,
+                      attn_temperature_tuning=bool(args.attn_temperature_tuning),
+                      attn_floor_scale=args.attn_floor_scale, attn_scale=args.attn_scale,
+                      norm_epsilon=args.norm_epsilon, max_position_embeddings=args.max_position_embeddings)
+    return {"iteration": iteration, "consumed_samples": consumed_samples, "layout": _layout(args),
+            "runtime": runtime, "model": model_meta, "has_optimizer": has_optimizer}
+
+
 def _layout(args) -> dict:
     return {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
             "vpp": args.virtual_pipeline_model_parallel_size, "dp": args.data_parallel_size,
@@ -201,16 +214,8 @@ def save_checkpoint(root: str, iteration: int, model: list, optimizer, scheduler
     fault.hook_pause_in_save(tmp, iteration, rank)  # test hook TRI_TEST_PAUSE_IN_SAVE (tests/test_fault.py)
     dist.barrier()
     if rank == 0:
-        model_meta = {f: getattr(args, f, None) for f in SHAPE_FIELDS}
-        model_meta.update(model=args.model, seq_length=args.seq_length, rotary_base=args.rotary_base,
-                          no_rope_freq=args.no_rope_freq, window_size=args.window_size,
-                          window_attn_skip_freq=args.window_attn_skip_freq,
-                          attn_temperature_tuning=bool(args.attn_temperature_tuning),
-                          attn_floor_scale=args.attn_floor_scale, attn_scale=args.attn_scale,
-                          norm_epsilon=args.norm_epsilon, max_position_embeddings=args.max_position_embeddings)
         with open(os.path.join(tmp, META), "w") as f:
-            json.dump({"iteration": iteration, "consumed_samples": consumed_samples, "layout": _layout(args),
-                       "runtime": rt.record(), "model": model_meta, "has_optimizer": "optimizer" in state},
+            json.dump(checkpoint_meta(args, iteration, consumed_samples, rt.record(), "optimizer" in state),
                       f, indent=1)
         if os.path.exists(final):
             shutil.rmtree(final)
