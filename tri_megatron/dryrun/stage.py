@@ -115,22 +115,11 @@ def _dry_run_layers():
 
 
 def _build_chunks(config, args) -> list:
-    from megatron.core import parallel_state as ps
-    from megatron.core.enums import ModelType
-    from megatron.core.transformer.module import Float16Module
+    """The training builder's chunks, left where megatron creates them (the meta device here)."""
+    from tri_megatron.model.builder import build_model_chunks
+    from tri_megatron.runtime import Runtime
 
-    from tri_megatron.model.builder import build_gpt_model
-
-    vpp = args.virtual_pipeline_model_parallel_size or 1
-    chunks = []
-    for v in range(vpp):
-        stage = v if vpp > 1 else None
-        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
-        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        model = build_gpt_model(config, args, False, pre, post, vp_stage=stage)
-        model.model_type = ModelType.encoder_or_decoder
-        chunks.append(Float16Module(config, model) if args.bf16 else model)
-    return chunks
+    return build_model_chunks(config, args, False, rt=Runtime("cpu", "gloo", reason="dry run: meta device"))
 
 
 def _describe(chunk) -> str:
