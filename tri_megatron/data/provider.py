@@ -33,19 +33,10 @@ logger = logging.getLogger("tri_megatron.data")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    g = parser.add_argument_group("data pipeline (tri_megatron.data)")
-    g.add_argument("--data-path", nargs="*", default=None,
-                   help="Megatron blend: 'w1 prefix1 w2 prefix2 ...' or 'prefix1 prefix2 ...' (.bin/.idx prefixes "
-                        "from tools/preprocess_data.py)")
-    g.add_argument("--data-mixture-schedule", default=None, metavar="FILE.yaml",
-                   help="per-domain weights over consumed tokens, piecewise linear (examples/data/)")
-    g.add_argument("--split", default="98,2,0", help="train,valid,test document split per prefix, as Megatron")
-    g.add_argument("--data-cache-path", default=None,
-                   help="where dataset and mixture indices are cached (default: <dir of first prefix>/cache)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer.json or a directory holding one")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
-    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on positions whose input token is EOD")
-    return parser
+    """The data flags (declared by tri_megatron.data.config.DataConfig)."""
+    from .config import DataConfig
+
+    return DataConfig.add_flags(parser)
 
 
 @dataclass
