@@ -101,7 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calculate-per-token-loss", action="store_true")
 
     g = p.add_argument_group("data")
-    g.add_argument("--mock-data", action="store_true", help="synthetic learnable sequences, no files")
     g.add_argument("--eval-interval", type=int, default=0, help="0 = no evaluation")
     g.add_argument("--eval-iters", type=int, default=2)
 
