@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tri_megatron.presets import PRESETS, preset_parameters
+from tri_megatron.presets import PRESETS
 from tri_megatron.model.query_scaling import QueryScaling
 from tri_megatron.ops import apply_rope_and_query_scale
 
@@ -13,16 +13,16 @@ from tri_megatron.ops import apply_rope_and_query_scale
 @pytest.mark.parametrize("name", ["tri-7b", "tri-21b", "tri-70b"])
 def test_preset_sizes_match_published(name):
     p = PRESETS[name]
-    assert preset_parameters(p) == pytest.approx(p.published_params, rel=0.005)
+    assert p.arch.num_parameters() == pytest.approx(p.published_params, rel=0.005)
 
 
 def test_published_dimensions():
-    p = PRESETS["tri-21b"]
+    p = PRESETS["tri-21b"].arch
     assert (p.num_layers, p.hidden_size, p.ffn_hidden_size, p.num_attention_heads, p.num_query_groups,
-            p.kv_channels, p.vocab_size, p.seq_length) == (40, 5120, 27392, 32, 8, 160, 124416, 8192)
-    p = PRESETS["tri-70b"]
+            p.kv_channels, p.vocab_size, p.context_length) == (40, 5120, 27392, 32, 8, 160, 124416, 8192)
+    p = PRESETS["tri-70b"].arch
     assert (p.num_layers, p.hidden_size, p.ffn_hidden_size, p.num_attention_heads, p.num_query_groups,
-            p.kv_channels, p.vocab_size, p.seq_length, p.no_rope_freq, p.window_size) == \
+            p.kv_channels, p.vocab_size, p.context_length, p.no_rope_freq, p.window_size) == \
         (80, 8192, 28672, 64, 8, 128, 124416, 32768, 4, 4096)
 
 

@@ -13,14 +13,15 @@ import dataclasses
 import os
 import sys
 
-from tri_megatron.presets import PRESETS, Preset, get_preset
+from tri_megatron.config.arch import ModelArch
+from tri_megatron.presets import PRESETS, get_preset
 
 
 class ArgumentError(ValueError):
     """A bad flag combination, reported as one line before anything is built or written."""
 
 
-_ARCH_FIELDS = [f.name for f in dataclasses.fields(Preset) if f.name not in ("name", "published_params", "source")]
+_ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelArch) if f.name not in ("name", "context_length", "ssmax", "mtp_num_layers", "init_method_std")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +153,7 @@ def _add_data_pipeline_args(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
-    preset = get_preset(args.model)
+    preset = get_preset(args.model).arch
     if args.vocab_size is None and getattr(args, "tokenizer", None):
         from tri_megatron.data.provider import data_vocab_size
 
@@ -161,15 +162,13 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
         except ValueError as e:  # missing path, empty directory, invalid tokenizer.json: one line, exit 2
             raise ArgumentError(str(e)) from None
     for field in _ARCH_FIELDS:
-        if field == "seq_length":
-            continue
         if getattr(args, field, None) is None:
             setattr(args, field, getattr(preset, field))
-    args.preset_seq_length = preset.seq_length
+    args.preset_seq_length = preset.context_length
     if args.max_position_embeddings is None:
-        args.max_position_embeddings = preset.seq_length
+        args.max_position_embeddings = preset.context_length
     if args.seq_length is None:
-        args.seq_length = min(preset.seq_length, args.max_position_embeddings)
+        args.seq_length = min(preset.context_length, args.max_position_embeddings)
     # 0 on the command line switches a preset feature off.
     for field in ("no_rope_freq", "window_size", "window_attn_skip_freq"):
         if getattr(args, field) == 0:

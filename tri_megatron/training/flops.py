@@ -110,9 +110,10 @@ class ModelShape:
     def from_preset(cls, name: str, **overrides) -> "ModelShape":
         from tri_megatron.presets import get_preset
 
-        p = get_preset(name)
+        p = get_preset(name).arch
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in dataclasses.asdict(p).items() if k in fields}
+        values["seq_length"] = p.context_length
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
