@@ -113,8 +113,8 @@ def test_bench_mfu_run_mode_pipeline_two_processes(tmp_path):
                 "--use-distributed-optimizer"]),
 ])
 def test_bench_mfu_proxy_mode(tmp_path, stage, layout):
-    from tri_megatron.presets import count_parameters
-    from tri_megatron.training.flops import ModelShape, model_flops_per_token, stage_flops_per_token
+    from tri_megatron.config.arch import ModelArch
+    from tri_megatron.perf.flops import model_flops_per_token, stage_flops_per_token
 
     res, stdout = bench(tmp_path, f"proxy-{stage}", "--model", "tri-tiny", "--warmup", "1", "--iters", "2",
                         "--peak-tflops", "1", "--proxy-gpus", "8", "--proxy-stage", stage, "--micro-batch-size", "1",
@@ -132,10 +132,11 @@ def test_bench_mfu_proxy_mode(tmp_path, stage, layout):
         (m["num_layers"] // pp, m["num_attention_heads"] // tp, m["num_query_groups"] // tp, m["ffn_hidden_size"] // tp,
          m["padded_vocab_size"] // tp)
     if stage == "last":  # layers + final norm + output layer + MTP (+ the embedding MTP uses), untied
-        expected = count_parameters(num_layers=sh["num_layers"], hidden_size=m["hidden_size"],
-                                    ffn_hidden_size=sh["ffn_hidden_size"], num_attention_heads=sh["num_attention_heads"],
-                                    num_query_groups=sh["num_query_groups"], kv_channels=m["kv_channels"],
-                                    vocab_size=sh["vocab_size"], mtp_num_layers=1)
+        expected = ModelArch(num_layers=sh["num_layers"], hidden_size=m["hidden_size"],
+                             ffn_hidden_size=sh["ffn_hidden_size"], num_attention_heads=sh["num_attention_heads"],
+                             num_query_groups=sh["num_query_groups"], kv_channels=m["kv_channels"],
+                             vocab_size=sh["vocab_size"], mtp_num_layers=1, context_length=lay["seq_length"],
+                             ).num_parameters()
         assert p["shard_parameters"] == expected
     else:  # middle: decoder layers only
         h = m["hidden_size"]
@@ -147,12 +148,14 @@ def test_bench_mfu_proxy_mode(tmp_path, stage, layout):
     else:  # AdamW over this GPU's distributed-optimizer share
         assert p["optimizer"] == "emulated" and p["optimizer_parameters"] == -(-p["shard_parameters"] // lay["dp"])
     # the shard's FLOPs are its pipeline rank's share of the model at 1/TP
-    shape = ModelShape(m["num_layers"], m["hidden_size"], m["ffn_hidden_size"], m["num_attention_heads"],
-                       m["num_query_groups"], m["kv_channels"], m["vocab_size"], lay["seq_length"], m["mtp_num_layers"])
+    arch = ModelArch(num_layers=m["num_layers"], hidden_size=m["hidden_size"], ffn_hidden_size=m["ffn_hidden_size"],
+                     num_attention_heads=m["num_attention_heads"], num_query_groups=m["num_query_groups"],
+                     kv_channels=m["kv_channels"], vocab_size=m["vocab_size"], context_length=lay["seq_length"],
+                     mtp_num_layers=m["mtp_num_layers"])
     f = res["flops"]
-    st = stage_flops_per_token(shape, pp, 1, p["pipeline_rank"], tp=tp)
+    st = stage_flops_per_token(arch, lay["seq_length"], pp, 1, p["pipeline_rank"], tp=tp)
     assert f["shard_model_flops_per_token"] == pytest.approx(st["model"])
-    assert f["model_flops_per_token"] == pytest.approx(model_flops_per_token(shape))
+    assert f["model_flops_per_token"] == pytest.approx(model_flops_per_token(arch, lay["seq_length"]))
     tokens = f["tokens_through_shard_per_iteration"]
     assert tokens == lay["num_microbatches"] * lay["micro_batch_size"] * lay["seq_length"]
     _check_metrics(res, tokens, f["shard_model_flops_per_iteration"], f["shard_hardware_flops_per_iteration"], tp * pp)

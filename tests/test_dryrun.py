@@ -3,7 +3,7 @@ tri-7b / tri-21b / tri-70b at 512 and 2,048 GPUs, built by megatron-core at full
 (fake process group, meta device), and compared with plan_layout's analytic memory model.
 
 All layouts run in one subprocess (a dry run needs a process without a process group); the checks are
-on its JSON. The expectations come from megatron's layout rules and from perf_model (an independent
+on its JSON. The expectations come from megatron's layout rules and from perf.layout_model (an independent
 analytic count), never from the dry run itself.
 """
 

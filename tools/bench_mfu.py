@@ -12,13 +12,13 @@ GPU overlap, so they are kept out of the headline figures):
   stage's layers, 1/TP of heads / FFN / vocabulary, the layout's micro-batch size, sequence length
   and micro-batch count), built and stepped in one process, so one H100 measures the compute
   efficiency of e.g. tri-21b on 512 GPUs at TP=4 PP=4 DP=32. No communication and no pipeline
-  bubble are modelled; see ``tri_megatron/training/proxy.py`` for exactly what is and is not.
+  bubble are modelled; see ``tri_megatron/perf/proxy.py`` for exactly what is and is not.
 
 Reported: tokens/s per GPU, model TFLOP/s per GPU, MFU and HFU against the chip's dense bf16 peak
 (detected for H100/H200/B200/A100, ``--peak-tflops`` overrides; none on CPU unless given), MFU in
 the PaLM convention too (attention not halved), peak memory (CUDA max allocated; max RSS on CPU),
 and forward / backward / optimizer / exposed-communication times. FLOPs follow Megatron-LM's
-convention (``tri_megatron/training/flops.py``). ``--json PATH`` writes everything, including a
+convention (``tri_megatron/perf/flops.py``). ``--json PATH`` writes everything, including a
 ``calibration`` block that ``tools/plan_layout.py --calibration`` reads.
 
 CPU smoke test: ``python tools/bench_mfu.py --model tri-tiny --warmup 1 --iters 2 --peak-tflops 1``.
@@ -48,10 +48,12 @@ warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 
 import torch  # noqa: E402
 
-from tri_megatron.training.flops import (  # noqa: E402
-    ModelShape, detect_peak_tflops, hardware_flops_per_iteration, model_flops_per_iteration, padded_vocab_size,
+from tri_megatron.config.arch import ModelArch  # noqa: E402
+from tri_megatron.perf.devices import detect_peak_tflops  # noqa: E402
+from tri_megatron.perf.flops import (  # noqa: E402
+    hardware_flops_per_iteration, model_flops_per_iteration, stage_flops_per_token,
 )
-from tri_megatron.training.proxy import STAGES  # noqa: E402
+from tri_megatron.perf.proxy import STAGES  # noqa: E402
 
 P2P_TIMERS = ("forward-recv", "backward-recv", "forward-send", "backward-send", "forward-send-forward-recv",
               "backward-send-backward-recv", "forward-send-backward-recv", "backward-send-forward-recv",
@@ -99,6 +101,22 @@ def parse_args(argv=None):
     args.train_iters = args.warmup + args.iters + args.breakdown_iters
     args.lr_decay_style = "constant"
     return apply_preset(args)
+
+
+def _arch(args) -> ModelArch:
+    """The architecture the parsed flags describe."""
+    return ModelArch.from_meta(vars(args))
+
+
+def _model_flops(args, tokens: int, attention: str = "causal") -> float:
+    return model_flops_per_iteration(_arch(args), args.seq_length, tokens, attention)
+
+
+def _hardware_flops(args, tokens: int) -> float:
+    return hardware_flops_per_iteration(
+        _arch(args), args.seq_length, tokens, recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
+        pp=args.pipeline_model_parallel_size, vpp=args.virtual_pipeline_model_parallel_size)
 
 
 def _fail(msg: str) -> None:
@@ -330,8 +348,7 @@ def print_table(result: dict) -> None:
 
 
 def base_result(args, mode: str, world: int, peak, peak_source) -> dict:
-    from tri_megatron.presets import count_parameters
-
+    arch = _arch(args)
     return {
         "tool": "bench_mfu",
         "version": 1,
@@ -344,8 +361,8 @@ def base_result(args, mode: str, world: int, peak, peak_source) -> dict:
             "num_layers": args.num_layers, "hidden_size": args.hidden_size, "ffn_hidden_size": args.ffn_hidden_size,
             "num_attention_heads": args.num_attention_heads, "num_query_groups": args.num_query_groups,
             "kv_channels": args.kv_channels, "vocab_size": args.vocab_size,
-            "padded_vocab_size": padded_vocab_size(args.vocab_size), "mtp_num_layers": args.mtp_num_layers or 0,
-            "window_size": args.window_size, "parameters": count_parameters(**vars(args)),
+            "padded_vocab_size": arch.padded_vocab_size(), "mtp_num_layers": args.mtp_num_layers or 0,
+            "window_size": args.window_size, "parameters": arch.num_parameters(),
         },
         "peak_tflops": peak,
         "peak_source": peak_source,
@@ -378,7 +395,7 @@ def run_layout(args) -> dict:
     world = world_size_from_env()
     try:
         validate_args(args, world)
-        if padded_vocab_size(args.vocab_size) % args.tensor_model_parallel_size:
+        if _arch(args).padded_vocab_size() % args.tensor_model_parallel_size:
             raise ArgumentError(f"vocabulary {args.vocab_size} does not split over TP={args.tensor_model_parallel_size}")
     except ArgumentError as e:
         _fail(str(e))
@@ -407,10 +424,10 @@ def run_layout(args) -> dict:
         res = base_result(args, "run", world, peak, peak_source)
         res["layout"] = _layout(args, world)
         flops = {
-            "model_flops_per_iteration": model_flops_per_iteration(args, tokens),
-            "hardware_flops_per_iteration": hardware_flops_per_iteration(args, tokens),
-            "model_flops_per_iteration_full_attention": model_flops_per_iteration(args, tokens, attention="full"),
-            "model_flops_per_token": model_flops_per_iteration(args, 1),
+            "model_flops_per_iteration": _model_flops(args, tokens),
+            "hardware_flops_per_iteration": _hardware_flops(args, tokens),
+            "model_flops_per_iteration_full_attention": _model_flops(args, tokens, attention="full"),
+            "model_flops_per_token": _model_flops(args, 1),
             "tokens_per_iteration": tokens,
         }
         res["flops"] = flops
@@ -472,9 +489,9 @@ def _calibration(args, res, hw_flops_per_gpu_iter, step, breakdown, source="run"
 def run_proxy(args) -> dict:
     from tri_megatron.arguments import ArgumentError, validate_args, world_size_from_env
     from tri_megatron.model.specs import use_transformer_engine
-    from tri_megatron.training import perf_model
+    from tri_megatron.perf import layout_model
+    from tri_megatron.perf.proxy import ProxyRunner, make_spec, proxy_args, shard_flops_per_token
     from tri_megatron.training.distributed import destroy_distributed, init_distributed
-    from tri_megatron.training.proxy import ProxyRunner, make_spec, proxy_args, shard_flops_per_token
 
     if world_size_from_env() != 1:
         _fail("--proxy-gpus runs the one-GPU shard in a single process; launch without torchrun")
@@ -483,7 +500,7 @@ def run_proxy(args) -> dict:
         args.sequence_parallel = False  # only changes communication and norm work, neither run by the proxy
     try:
         validate_args(args, args.proxy_gpus)
-        if padded_vocab_size(args.vocab_size) % args.tensor_model_parallel_size:
+        if _arch(args).padded_vocab_size() % args.tensor_model_parallel_size:
             raise ArgumentError(f"vocabulary {args.vocab_size} does not split over TP={args.tensor_model_parallel_size}")
         spec = make_spec(args, args.proxy_gpus, args.proxy_stage, args.proxy_microbatches)
     except (ArgumentError, ValueError) as e:
@@ -513,7 +530,7 @@ def run_proxy(args) -> dict:
         "shard_model_flops_per_iteration": per_token["model"] * tokens_shard,
         "shard_hardware_flops_per_iteration": per_token["hardware"] * tokens_shard,
         "shard_model_flops_per_iteration_full_attention": full_per_token * tokens_shard,
-        "model_flops_per_token": model_flops_per_iteration(args, 1),
+        "model_flops_per_token": _model_flops(args, 1),
         "tokens_through_shard_per_iteration": tokens_shard,
     }
     gpus_sharing = spec.tp * spec.pp * spec.cp  # GPUs that split one token's work in the layout
@@ -531,14 +548,13 @@ def run_proxy(args) -> dict:
     opt = m["breakdown"]["optimizer_s"] if m["breakdown"] else 0.0
     t_mb = (step - opt) / spec.run_microbatches
     t_layout = (spec.num_microbatches + (spec.pp - 1) / spec.vpp) * t_mb + opt
-    total_model = model_flops_per_iteration(args, args.global_batch_size * args.seq_length)
-    shape = ModelShape.from_args(args)
-    layout = perf_model.Layout(
+    total_model = _model_flops(args, args.global_batch_size * args.seq_length)
+    layout = layout_model.Layout(
         tp=spec.tp, pp=spec.pp, vpp=spec.vpp, cp=spec.cp, dp=spec.dp, mbs=spec.micro_batch_size,
         recompute="full" if args.recompute_granularity == "full" else args.recompute_granularity,
         sequence_parallel=sp_requested, distributed_optimizer=bool(args.use_distributed_optimizer),
         fused_loss=bool(args.fused_mtp_loss) if args.fused_mtp_loss is not None else torch.cuda.is_available())
-    est_mem = perf_model.memory_per_gpu(shape, layout, spec.num_microbatches, spec.rank)
+    est_mem = layout_model.memory_per_gpu(_arch(args), args.seq_length, layout, spec.num_microbatches, spec.rank)
     res["proxy"] = {
         "description": spec.describe(),
         "target_gpus": spec.target_gpus, "stage": spec.stage, "pipeline_rank": spec.rank,
@@ -570,9 +586,7 @@ def run_proxy(args) -> dict:
 
 
 def shard_flops_per_token_full_attention(args, spec) -> float:
-    from tri_megatron.training.flops import stage_flops_per_token
-
-    return stage_flops_per_token(ModelShape.from_args(args), spec.pp, spec.vpp, spec.rank, tp=spec.tp,
+    return stage_flops_per_token(_arch(args), args.seq_length, spec.pp, spec.vpp, spec.rank, tp=spec.tp,
                                  attention="full")["model"]
 
 

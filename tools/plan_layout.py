@@ -11,7 +11,7 @@ optimizer state, activations of the micro-batches 1F1B keeps in flight, overhead
 pipeline rank's compute time, TP / CP / PP / DP communication on the given bandwidths, the pipeline
 bubble and the optimizer step -> iteration time, tokens/s per GPU, MFU and HFU (Megatron FLOP
 convention, dense bf16 peak). The model and its assumptions are in
-``tri_megatron/training/perf_model.py``.
+``tri_megatron/perf/layout_model.py``.
 
 The compute term's one free number, the fraction of peak a GPU reaches on its shard's forward +
 backward, comes from ``bench_mfu.py --json`` results (``--calibration``; proxy runs of the layout in
@@ -34,9 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tri_megatron.presets import PRESETS, get_preset, preset_parameters  # noqa: E402
-from tri_megatron.training import perf_model  # noqa: E402
-from tri_megatron.training.flops import ModelShape, model_flops_per_token  # noqa: E402
+from tri_megatron.perf import layout_model  # noqa: E402
+from tri_megatron.perf.devices import GPU_SPECS  # noqa: E402
+from tri_megatron.perf.flops import model_flops_per_token  # noqa: E402
+from tri_megatron.presets import PRESETS, get_preset  # noqa: E402
 
 TRI_TEAM_REFERENCE = {
     "mfu": 0.43, "hfu": 0.47, "gpus": 512, "gpu": "H100",
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plan_layout.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", required=True, choices=sorted(PRESETS))
     p.add_argument("--gpus", type=int, required=True)
-    p.add_argument("--gpu-type", choices=sorted(perf_model.GPU_SPECS), default="h100")
+    p.add_argument("--gpu-type", choices=sorted(GPU_SPECS), default="h100")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--intra-node-bw", type=float, default=None,
                    help="achievable NCCL bus bandwidth inside a node, GB/s per GPU (default: per GPU type, H100 360)")
@@ -107,7 +108,7 @@ class EfficiencyPicker:
         self.ignored = len(cals) - len(self.cals)
         self.model, self.seq, self.override, self.default = model, seq, override, default
 
-    def __call__(self, layout: perf_model.Layout) -> tuple:
+    def __call__(self, layout: layout_model.Layout) -> tuple:
         if self.override is not None:
             return self.override, "--compute-efficiency"
         exact = [c for c in self.cals if c["model"] == self.model and c["tp"] == layout.tp
@@ -123,22 +124,21 @@ class EfficiencyPicker:
 
 # -------------------------------------------------------------------------------------- plan --
 def plan(args) -> dict:
-    preset = get_preset(args.model)
-    seq = args.seq_length or preset.seq_length
-    shape = ModelShape.from_preset(args.model, seq_length=seq, mtp_num_layers=args.mtp_num_layers)
+    arch = get_preset(args.model).arch.replace(mtp_num_layers=args.mtp_num_layers)
+    seq = args.seq_length or arch.context_length
     gbs = args.global_batch_size or max(1, args.global_batch_tokens // seq)
-    gpu = perf_model.GPU_SPECS[args.gpu_type]
+    gpu = GPU_SPECS[args.gpu_type]
     gpu = dataclasses.replace(gpu, peak_tflops=args.peak_tflops or gpu.peak_tflops,
                               memory_gib=args.memory_gib or gpu.memory_gib)
-    base = perf_model.Assumptions(gpus_per_node=args.gpus_per_node, intra_busbw_gbps=args.intra_node_bw,
-                                  inter_busbw_gbps=args.inter_node_bw, tp_comm_exposed=args.tp_comm_exposed)
+    base = layout_model.Assumptions(gpus_per_node=args.gpus_per_node, intra_busbw_gbps=args.intra_node_bw,
+                                    inter_busbw_gbps=args.inter_node_bw, tp_comm_exposed=args.tp_comm_exposed)
     cals = load_calibrations(args.calibration)
     pick = EfficiencyPicker(cals, args.model, seq, args.gpu_type, args.allow_calibration_from_other_devices,
                             args.compute_efficiency)
     recomputes = tuple(None if r == "none" else r for r in args.recompute)
-    cands = perf_model.candidate_layouts(shape, args.gpus, gbs, args.gpus_per_node, tps=tuple(args.tp),
-                                         cps=tuple(args.cp), mbss=tuple(args.mbs), recomputes=recomputes)
-    if getattr(preset, "attn_temperature_tuning", False) or getattr(preset, "ssmax", False):
+    cands = layout_model.candidate_layouts(arch, seq, args.gpus, gbs, args.gpus_per_node, tps=tuple(args.tp),
+                                           cps=tuple(args.cp), mbss=tuple(args.mbs), recomputes=recomputes)
+    if arch.attn_temperature_tuning or arch.ssmax:
         # query scaling (Tri-70B's temperature tuning, SSMax) has no context-parallel path yet: pretrain_tri.py
         # rejects CP > 1 for it (found by the dry run of plan_layout's top layouts)
         cands = [c for c in cands if c.cp == 1]
@@ -153,11 +153,11 @@ def plan(args) -> dict:
                                 overlap_grad_reduce=not args.no_overlap, overlap_param_gather=not args.no_overlap,
                                 fused_loss=not args.unfused_loss)
         eff, source = pick(c)
-        r = perf_model.project(shape, c, gbs, gpu, dataclasses.replace(base, compute_efficiency=eff,
-                                                                         compute_efficiency_source=source))
+        r = layout_model.project(arch, seq, c, gbs, gpu, dataclasses.replace(base, compute_efficiency=eff,
+                                                                             compute_efficiency_source=source))
         r["compute_efficiency_source"] = source
         results.append(r)
-    ranked = perf_model.rank_layouts(results)
+    ranked = layout_model.rank_layouts(results)
     for i, r in enumerate(ranked, 1):
         r["rank"] = i
     a = dataclasses.asdict(base)
@@ -170,11 +170,11 @@ def plan(args) -> dict:
         "projection": True,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(x) for x in ["tools/plan_layout.py", *sys.argv[1:]]),
-        "model": {"name": args.model, "parameters": preset_parameters(preset, mtp_num_layers=args.mtp_num_layers),
+        "model": {"name": args.model, "parameters": arch.num_parameters(),
                   "seq_length": seq, "global_batch_size": gbs, "tokens_per_iteration": gbs * seq,
                   "mtp_num_layers": args.mtp_num_layers,
-                  "model_flops_per_token": model_flops_per_token(shape),
-                  "model_flops_per_token_full_attention": model_flops_per_token(shape, "full")},
+                  "model_flops_per_token": model_flops_per_token(arch, seq),
+                  "model_flops_per_token_full_attention": model_flops_per_token(arch, seq, "full")},
         "cluster": {"gpus": args.gpus, "gpu_type": args.gpu_type, "gpu": gpu.name, "peak_tflops": gpu.peak_tflops,
                     "memory_gib": gpu.memory_gib, "hbm_tbps": gpu.hbm_tbps, "gpus_per_node": args.gpus_per_node},
         "assumptions": a,

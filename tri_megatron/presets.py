@@ -121,10 +121,6 @@ def count_parameters(**fields) -> int:
     return ModelArch(**values).num_parameters()
 
 
-def preset_parameters(preset: Preset, **overrides) -> int:
-    return preset.arch.replace(**overrides).num_parameters()
-
-
 def main() -> None:
     print(f"{'preset':10s} {'parameters':>16s} {'published':>12s}  source")
     for name, p in PRESETS.items():

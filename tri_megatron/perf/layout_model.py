@@ -2,13 +2,15 @@
 TP / CP / PP / DP communication, pipeline bubble, optimizer, and the resulting MFU / HFU.
 
 It is a **projection**, not a measurement. ``tools/plan_layout.py`` ranks layouts with it and
-``tools/bench_mfu.py`` attaches its memory estimate to proxy runs. Pure Python (no torch import),
-so planning runs in well under a second on any machine.
+``tools/bench_mfu.py`` attaches its memory estimate to proxy runs; ``pretrain_tri.py --dry-run``
+compares its measured memory with it. Every function takes the architecture (``ModelArch``) and,
+where activations or FLOPs depend on it, the training sequence length. Pure Python (no torch
+import), so planning runs in well under a second on any machine.
 
 What it models, per GPU of a layout TP x CP x PP (x VPP) x DP on ``gpus_per_node``-GPU nodes
 (megatron-core's rank order: TP innermost, then CP, then DP, PP outermost):
 
-* compute: the hardware FLOPs of the busiest pipeline rank (``flops.stage_flops_per_token``, its
+* compute: the hardware FLOPs of the busiest pipeline rank (``perf.flops.stage_flops_per_token``, its
   layers, plus embedding / output layer / MTP on the first / last rank) at ``compute_efficiency`` x
   the dense bf16 peak. ``compute_efficiency`` is the one calibrated number: the fraction of peak a
   GPU reaches on its shard's forward + backward (recomputation included), measured by
@@ -41,28 +43,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from tri_megatron.training.flops import ModelShape, model_flops_per_token, recompute_flops_per_token, stage_flops_per_token
+from tri_megatron.config.arch import ModelArch
+from tri_megatron.perf.devices import GPUSpec
+from tri_megatron.perf.flops import model_flops_per_token, recompute_flops_per_token, stage_flops_per_token
 
 GIB = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class GPUSpec:
-    name: str
-    peak_tflops: float  # dense bf16
-    memory_gib: float  # what the device reports as total
-    hbm_tbps: float
-    intra_busbw_gbps: float  # achievable NCCL bus bandwidth inside a node (NVLink), GB/s per GPU
-    inter_busbw_gbps: float  # achievable bus bandwidth across nodes, GB/s per GPU (one NIC per GPU)
-
-
-# Defaults: achievable bus bandwidth ~80% of the link's one-direction rate (NVLink 4: 450 GB/s;
-# NVLink 5: 900 GB/s; one 400 Gb/s NDR InfiniBand NIC per GPU: 50 GB/s).
-GPU_SPECS = {
-    "h100": GPUSpec("H100 SXM 80GB", 989.0, 79.6, 3.35, 360.0, 40.0),
-    "h200": GPUSpec("H200 SXM 141GB", 989.0, 140.4, 4.8, 360.0, 40.0),
-    "b200": GPUSpec("B200 180GB", 2250.0, 178.4, 8.0, 720.0, 40.0),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,33 +112,28 @@ class Assumptions:
 
 
 # ---------------------------------------------------------------------------------- parameters --
-def layer_params(shape: ModelShape) -> int:
-    h, f = shape.hidden_size, shape.ffn_hidden_size
-    return h * (shape.q_size + 2 * shape.kv_size) + shape.q_size * h + 3 * h * f + 2 * h
-
-
-def rank_params(shape: ModelShape, layout: Layout, rank: int) -> float:
+def rank_params(arch: ModelArch, layout: Layout, rank: int) -> float:
     """Parameters held by one GPU of pipeline rank ``rank`` (its TP shard; untied embeddings). The
     norms' weights are replicated on every TP rank, the linear layers and the vocabulary split."""
-    per_rank_layers = shape.num_layers // layout.pp
-    h, v = shape.hidden_size, shape.vocab
-    sharded = layer_params(shape) - 2 * h  # a layer without its two norms
+    per_rank_layers = arch.num_layers // layout.pp
+    h, v = arch.hidden_size, arch.padded_vocab_size()
+    sharded = arch.layer_parameters() - 2 * h  # a layer without its two norms
     n = per_rank_layers * (sharded / layout.tp + 2 * h)
     if rank == 0:
         n += v * h / layout.tp  # embedding
     if rank == layout.pp - 1:
         n += v * h / layout.tp + h  # output layer, final norm
         # MTP: a layer, eh_proj (2h x h) and enorm / hnorm / final norm
-        n += shape.mtp_num_layers * ((sharded + 2 * h * h) / layout.tp + 2 * h + 3 * h)
-        if shape.mtp_num_layers and layout.pp > 1:
+        n += arch.mtp_num_layers * ((sharded + 2 * h * h) / layout.tp + 2 * h + 3 * h)
+        if arch.mtp_num_layers and layout.pp > 1:
             n += v * h / layout.tp  # MTP embeds the shifted tokens: the last stage holds an embedding too
     return n
 
 
 # -------------------------------------------------------------------------------------- memory --
-def _act_bytes_per_token_layer(shape: ModelShape, layout: Layout) -> float:
+def _act_bytes_per_token_layer(arch: ModelArch, layout: Layout) -> float:
     """Stored activations (bytes) per token of one layer, no recomputation, flash attention."""
-    h, f, q, kv = shape.hidden_size, shape.ffn_hidden_size, shape.q_size, shape.kv_size
+    h, f, q, kv = arch.hidden_size, arch.ffn_hidden_size, arch.q_size, arch.kv_size
     sp = layout.tp if layout.sp else 1
     # 2 norm inputs + 2 (sharded, with SP) linear inputs: 4h; attention: the QKV projection's output
     # (q + 2kv, kept alive by V, a view of it), the RoPE'd / scaled Q and K flash attention saves
@@ -173,41 +153,42 @@ def inflight_microbatches(layout: Layout, rank: int, num_microbatches: int) -> f
     return chunks / v
 
 
-def activation_bytes(shape: ModelShape, layout: Layout, rank: int, a: Assumptions = Assumptions()) -> dict:
+def activation_bytes(arch: ModelArch, seq_length: int, layout: Layout, rank: int,
+                     a: Assumptions = Assumptions()) -> dict:
     """Stored activations (bytes) of ONE micro-batch on a GPU of pipeline rank ``rank``: through all its
     layers ("stage"), the last stage's head (final norm, output layer input, MTP, loss workspace),
     and the transient of full recomputation (the layer being recomputed in backward)."""
-    tokens = layout.mbs * shape.seq_length / layout.cp
-    h = shape.hidden_size
+    tokens = layout.mbs * seq_length / layout.cp
+    h = arch.hidden_size
     sp = layout.tp if layout.sp else 1
-    per_layer_full = _act_bytes_per_token_layer(shape, layout) * tokens
+    per_layer_full = _act_bytes_per_token_layer(arch, layout) * tokens
     per_layer_input = 2.0 * h / sp * tokens
-    layers = shape.num_layers // layout.pp
+    layers = arch.num_layers // layout.pp
     if layout.recompute == "full":
         stage, transient = layers * per_layer_input, per_layer_full
     else:  # selective (core attention) saves nothing with flash attention: Q, K, V, O stay stored
         stage, transient = layers * per_layer_full, 0.0
     head = 0.0
     if rank == layout.pp - 1:
-        d = shape.mtp_num_layers
+        d = arch.mtp_num_layers
         head = 2.0 * 2 * h / sp * tokens  # final norm input, output-layer input
         head += d * (per_layer_full + 2.0 * 4 * h / sp * tokens)  # MTP layer + its norms / projection
         if layout.fused_loss:
             head += a.fused_loss_workspace_gib * GIB
         else:  # bf16 logits, fp32 copy and softmax kept for backward, per head
-            head += (1 + d) * 10.0 * tokens * shape.vocab / layout.tp
+            head += (1 + d) * 10.0 * tokens * arch.padded_vocab_size() / layout.tp
     return {"stage": stage, "head": head, "transient": transient}
 
 
-def memory_per_gpu(shape: ModelShape, layout: Layout, num_microbatches: int, rank: int,
+def memory_per_gpu(arch: ModelArch, seq_length: int, layout: Layout, num_microbatches: int, rank: int,
                    a: Assumptions = Assumptions()) -> dict:
     """Estimated peak memory (GiB) of one GPU of pipeline rank ``rank``."""
-    params = rank_params(shape, layout, rank)
+    params = rank_params(arch, layout, rank)
     weights = 2.0 * params
     grads = 4.0 * params  # fp32 main-grad buffer
     opt_div = layout.dp * layout.cp if layout.distributed_optimizer else 1
     optimizer = 12.0 * params / opt_div
-    act = activation_bytes(shape, layout, rank, a)
+    act = activation_bytes(arch, seq_length, layout, rank, a)
     activations = inflight_microbatches(layout, rank, num_microbatches) * act["stage"] + act["transient"] + act["head"]
     tensors = weights + grads + optimizer + activations
     total = tensors * (1 + a.fragmentation) + a.memory_overhead_gib * GIB
@@ -239,14 +220,14 @@ def _gather_time(nbytes: float, n: int, bw: float, lat: float) -> float:
     return 0.0 if n <= 1 else (n - 1) / n * nbytes / bw + lat
 
 
-def iteration_time(shape: ModelShape, layout: Layout, global_batch: int, gpu: GPUSpec,
+def iteration_time(arch: ModelArch, seq_length: int, layout: Layout, global_batch: int, gpu: GPUSpec,
                    a: Assumptions = Assumptions()) -> dict:
     """Projected time of one iteration and its parts (seconds), with per-rank detail."""
     m = global_batch // (layout.mbs * layout.dp)
     p, v, tp, cp = layout.pp, layout.vpp, layout.tp, layout.cp
     peak = gpu.peak_tflops * 1e12 * a.compute_efficiency
-    tokens = layout.mbs * shape.seq_length / cp  # per GPU per micro-batch
-    h = shape.hidden_size
+    tokens = layout.mbs * seq_length / cp  # per GPU per micro-batch
+    h = arch.hidden_size
     act_bytes = 2.0 * tokens * h  # one [s/cp, b, h] bf16 activation
     rc = layout.recompute_dict()
 
@@ -258,10 +239,10 @@ def iteration_time(shape: ModelShape, layout: Layout, global_batch: int, gpu: GP
 
     per_rank = []
     for r in range(p):
-        st = stage_flops_per_token(shape, p, v, r, tp=tp, recompute=rc)
+        st = stage_flops_per_token(arch, seq_length, p, v, r, tp=tp, recompute=rc)
         compute = st["hardware"] * tokens / peak
         fwd_share = (st["model"] / 3.0) / st["hardware"] if st["hardware"] else 0.0
-        n_layers = len(st["layers"]) + (shape.mtp_num_layers if st["post_process"] else 0)
+        n_layers = len(st["layers"]) + (arch.mtp_num_layers if st["post_process"] else 0)
         # TP: 2 AR-volume collectives forward, 2 backward, +1 AR-volume of SP backward all-gathers,
         # +2 per recomputed layer (full recomputation repeats the forward's).
         ar = _allreduce_time(act_bytes, tp, tp_bw, tp_lat)
@@ -273,7 +254,7 @@ def iteration_time(shape: ModelShape, layout: Layout, global_batch: int, gpu: GP
         # CP: ring exchange of K and V (bf16) forward, K, V, dK, dV backward; overlapped with attention.
         cp_time = 0.0
         if cp > 1:
-            kv_bytes = 2.0 * tokens * 2 * shape.kv_size / tp
+            kv_bytes = 2.0 * tokens * 2 * arch.kv_size / tp
             comm_layer = (cp - 1) * (kv_bytes / cp_bw + cp_lat) * 3  # fwd 1x, bwd 2x
             attn_layer = 3.0 * st["breakdown"]["attention"] / max(n_layers, 1) * tokens / peak
             cp_time = n_layers * max(0.0, comm_layer - attn_layer)
@@ -292,7 +273,7 @@ def iteration_time(shape: ModelShape, layout: Layout, global_batch: int, gpu: GP
     bubble = (p - 1) / v * t_mean if p > 1 else 0.0
 
     # DP (+CP) gradient / parameter synchronisation of the busiest rank's parameters.
-    params = max(rank_params(shape, layout, r) for r in range(p))
+    params = max(rank_params(arch, layout, r) for r in range(p))
     n_dp = layout.dp * cp
     if layout.distributed_optimizer:
         rs = _gather_time(4.0 * params, n_dp, dp_bw, dp_lat)
@@ -328,19 +309,19 @@ def iteration_time(shape: ModelShape, layout: Layout, global_batch: int, gpu: GP
     }
 
 
-def project(shape: ModelShape, layout: Layout, global_batch: int, gpu: GPUSpec,
+def project(arch: ModelArch, seq_length: int, layout: Layout, global_batch: int, gpu: GPUSpec,
             a: Assumptions = Assumptions()) -> dict:
     """Memory, time and MFU / HFU of one layout."""
-    t = iteration_time(shape, layout, global_batch, gpu, a)
+    t = iteration_time(arch, seq_length, layout, global_batch, gpu, a)
     m = t["num_microbatches"]
-    mems = [memory_per_gpu(shape, layout, m, r, a) for r in sorted({0, layout.pp - 1})]
+    mems = [memory_per_gpu(arch, seq_length, layout, m, r, a) for r in sorted({0, layout.pp - 1})]
     mem = max(mems, key=lambda x: x["total_gib"])
-    tokens = global_batch * shape.seq_length
-    model_flops = tokens * model_flops_per_token(shape)
+    tokens = global_batch * seq_length
+    model_flops = tokens * model_flops_per_token(arch, seq_length)
     rc = layout.recompute_dict()
     hw_flops = model_flops + tokens * recompute_flops_per_token(
-        shape, rc.get("granularity"), rc.get("method"), rc.get("recompute_num_layers"),
-        layers_per_chunk=shape.num_layers // (layout.pp * layout.vpp))
+        arch, seq_length, rc.get("granularity"), rc.get("method"), rc.get("recompute_num_layers"),
+        layers_per_chunk=arch.num_layers // (layout.pp * layout.vpp))
     denom = layout.gpus * t["iteration_s"] * gpu.peak_tflops * 1e12
     per_rank = t.pop("per_rank")
     return {
@@ -362,24 +343,24 @@ def project(shape: ModelShape, layout: Layout, global_batch: int, gpu: GPUSpec,
     }
 
 
-def candidate_layouts(shape: ModelShape, gpus: int, global_batch: int, gpus_per_node: int = 8,
+def candidate_layouts(arch: ModelArch, seq_length: int, gpus: int, global_batch: int, gpus_per_node: int = 8,
                       tps=(1, 2, 4, 8), cps=(1, 2, 4), max_pp: int = 16, max_vpp: int = 10, mbss=(1, 2, 4),
                       recomputes=(None, "selective", "full")) -> list:
     """Every layout megatron-core (and tri_megatron's validation) accepts for this model and cluster."""
     out = []
-    vocab = shape.vocab
+    vocab = arch.padded_vocab_size()
     for tp in tps:
-        if tp > gpus_per_node or shape.num_attention_heads % tp or shape.num_query_groups % tp or vocab % tp:
+        if tp > gpus_per_node or arch.num_attention_heads % tp or arch.num_query_groups % tp or vocab % tp:
             continue
         for cp in cps:
-            if cp > 1 and (shape.mtp_num_layers or shape.seq_length % (2 * cp)):
+            if cp > 1 and (arch.mtp_num_layers or seq_length % (2 * cp)):
                 continue
-            for pp in range(1, min(max_pp, shape.num_layers) + 1):
-                if shape.num_layers % pp or gpus % (tp * cp * pp):
+            for pp in range(1, min(max_pp, arch.num_layers) + 1):
+                if arch.num_layers % pp or gpus % (tp * cp * pp):
                     continue
                 dp = gpus // (tp * cp * pp)
                 for vpp in range(1, max_vpp + 1):
-                    if (shape.num_layers // pp) % vpp or (vpp > 1 and pp == 1):
+                    if (arch.num_layers // pp) % vpp or (vpp > 1 and pp == 1):
                         continue
                     for mbs in mbss:
                         if cp > 1 and mbs > 1:  # CP splits sequences too long for one GPU: with micro-batch 1

@@ -22,7 +22,7 @@ send / receive and the pipeline bubble, DP gradient reduce-scatter / parameter a
 vocab-parallel loss reductions. With sequence parallelism the proxy runs norms on the whole sequence (1/TP of that
 with SP) and stores their inputs whole; middle / last stages get a random input activation instead
 of a received one; the first stage's output feeds a cheap surrogate loss. Activations of the
-micro-batches 1F1B keeps in flight are not held (see ``perf_model.memory_per_gpu`` for that).
+micro-batches 1F1B keeps in flight are not held (see ``layout_model.memory_per_gpu`` for that).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from typing import Optional
 
 import torch
 
-from tri_megatron.training.flops import ModelShape, padded_vocab_size, stage_flops_per_token, stage_layer_numbers
+from tri_megatron.config.arch import ModelArch
+from tri_megatron.perf.flops import stage_flops_per_token, stage_layer_numbers
 
 STAGES = ("first", "middle", "last")
 
@@ -88,7 +89,7 @@ def make_spec(args, target_gpus: int, stage: str = "last", run_microbatches: Opt
         rank = pp // 2
     dp = target_gpus // (tp * pp * cp)
     m = args.global_batch_size // (args.micro_batch_size * dp)
-    vocab = padded_vocab_size(args.vocab_size)
+    vocab = ModelArch.from_meta(vars(args)).padded_vocab_size()
     shard = {
         "num_layers": args.num_layers // pp,
         "hidden_size": args.hidden_size,
@@ -121,12 +122,12 @@ def proxy_args(args, spec: ProxySpec) -> argparse.Namespace:
     p.untie_embeddings_and_output_weights = True  # a tied pair lives on two ranks; same compute untied
     p.global_batch_size = spec.micro_batch_size * spec.run_microbatches
     p.load = p.save = None
-    full = ModelShape.from_args(args)
+    full = ModelArch.from_meta(vars(args))
     mtp_numbers = list(range(args.num_layers + 1, args.num_layers + spec.shard["mtp_num_layers"] + 1))
     if args.no_rope_freq:  # the stage's global layer pattern (megatron: 1 = skip RoPE)
         p.no_rope_freq = [1 if n % args.no_rope_freq == 0 else 0 for n in spec.layers]
     if args.window_size and args.window_attn_skip_freq:
-        p.window_attn_skip_freq = [1 if full.is_window_layer(n) else 0 for n in [*spec.layers, *mtp_numbers]]
+        p.window_attn_skip_freq = [1 if full.is_window_layer(n, args.seq_length) else 0 for n in [*spec.layers, *mtp_numbers]]
     if args.recompute_granularity == "full" and args.recompute_method == "block" and spec.vpp > 1:
         per_chunk = args.num_layers // (spec.pp * spec.vpp)
         p.recompute_num_layers = min(args.recompute_num_layers, per_chunk) * spec.vpp  # same count, merged chunks
@@ -137,7 +138,8 @@ def shard_flops_per_token(args, spec: ProxySpec) -> dict:
     """Model / hardware FLOPs per token that this GPU does in the target layout."""
     rc = {"granularity": args.recompute_granularity, "method": args.recompute_method,
           "recompute_num_layers": args.recompute_num_layers}
-    return stage_flops_per_token(ModelShape.from_args(args), spec.pp, spec.vpp, spec.rank, tp=spec.tp, recompute=rc)
+    return stage_flops_per_token(ModelArch.from_meta(vars(args)), args.seq_length, spec.pp, spec.vpp, spec.rank,
+                                 tp=spec.tp, recompute=rc)
 
 
 class EmulatedAdam:
