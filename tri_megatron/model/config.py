@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from tri_megatron.mcore_internals import extend_no_rope_freq_for_mtp, wgrad_fusion_available
 from tri_megatron.model.query_scaling import default_ssmax_init
 
 
@@ -32,11 +33,7 @@ class TriTransformerConfig(TransformerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        # megatron expands no_rope_freq to a per-layer list of num_layers entries, but MTP layers are
-        # numbered after the decoder's and index it too: they use RoPE.
-        if isinstance(self.no_rope_freq, list) and self.mtp_num_layers:
-            if len(self.no_rope_freq) == self.num_layers:
-                self.no_rope_freq = self.no_rope_freq + [0] * self.mtp_num_layers
+        extend_no_rope_freq_for_mtp(self)  # MTP layers use RoPE (the seam in mcore_internals)
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -51,18 +48,6 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
             f"use a TP size dividing {padded}"
         )
     return padded
-
-
-def megatron_wgrad_fusion_available() -> bool:
-    """Whether megatron-core's own linear layers can fuse the weight-gradient accumulation.
-
-    ``ColumnParallelLinear`` (the output layer, also under the TE spec) raises at construction when
-    ``gradient_accumulation_fusion`` is set and apex's ``fused_weight_gradient_mlp_cuda`` did not
-    import; this asks megatron the exact question it asks itself.
-    """
-    from megatron.core.tensor_parallel import layers
-
-    return bool(getattr(layers, "_grad_accum_fusion_available", False))
 
 
 def transformer_config_from_args(args, use_te: bool, rt=None) -> TriTransformerConfig:
@@ -113,7 +98,7 @@ def transformer_config_from_args(args, use_te: bool, rt=None) -> TriTransformerC
         apply_rope_fusion=use_te,
         # TE's linears fuse the wgrad accumulation themselves, but the output layer (and every linear
         # of the local spec) is megatron's, which needs apex's fused_weight_gradient_mlp_cuda.
-        gradient_accumulation_fusion=use_te and cuda and megatron_wgrad_fusion_available(),
+        gradient_accumulation_fusion=use_te and cuda and wgrad_fusion_available(),
         cross_entropy_loss_fusion=False,
         # MTP / iRoPE / sliding windows, all megatron-core's
         mtp_num_layers=args.mtp_num_layers or None,

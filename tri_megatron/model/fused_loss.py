@@ -6,7 +6,7 @@ Only the loss computation changes: with labels and in training/eval with a loss,
 of all heads go through one ``fused_mtp_cross_entropy`` call against the shared output weight, so
 no full-vocabulary logits are stored. MTP losses are logged and scaled exactly as megatron-core
 does (``MTPLossLoggingHelper``, ``mtp_loss_scaling_factor / D`` per head divided by the tokens of
-the micro-batch) and reach the backward pass through ``MTPLossAutoScaler`` attached to the main
+the micro-batch) and reach the backward pass through megatron's ``MTPLossAutoScaler`` attached to the main
 loss. Without labels (inference, logits wanted) the stock path runs.
 """
 
@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, roll_tensor
 
-from tri_megatron.mcore_internals import mtp_block_inputs, record_mtp_loss
+from tri_megatron.mcore_internals import (attach_mtp_loss, in_ddp_grad_buffer, mtp_block_inputs, mtp_roll_left,
+                                          record_mtp_loss)
 from tri_megatron.ops.fused_cross_entropy import fused_mtp_cross_entropy
 
 
 class FusedLossGPTModel(GPTModel):
+    # overrides megatron-core's private _postprocess: the seam 'GPTModel._postprocess' in mcore_internals
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos,
                      rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None, **kwargs):
         # megatron-core adds keyword arguments to _postprocess between releases (0.19: padding_mask,
@@ -47,10 +48,8 @@ class FusedLossGPTModel(GPTModel):
         labels_list, masks, token_counts = [labels], [loss_mask], []
         mtp_labels, mtp_mask = labels, loss_mask
         for _ in range(depth):  # head i predicts the token i+1 further: roll labels and mask as megatron
-            mtp_labels, _ = roll_tensor(mtp_labels, shifts=-1, dims=-1, cp_group=self.cp_group,
-                                        packed_seq_params=packed_seq_params)
-            mtp_mask, num_tokens = roll_tensor(mtp_mask, shifts=-1, dims=-1, cp_group=self.cp_group,
-                                               packed_seq_params=packed_seq_params)
+            mtp_labels, _ = mtp_roll_left(mtp_labels, self.cp_group, packed_seq_params)
+            mtp_mask, num_tokens = mtp_roll_left(mtp_mask, self.cp_group, packed_seq_params)
             labels_list.append(mtp_labels)
             masks.append(mtp_mask)
             token_counts.append(num_tokens)
@@ -64,8 +63,7 @@ class FusedLossGPTModel(GPTModel):
         # grad_reduce_in_fp32), as megatron's gradient-accumulation fusion does: exact accumulation over
         # the op's token chunks (added in the loss backward). DDP's hook then skips the dummy grad
         # (or adds the zeros megatron asks for on a tied embedding via zero_out_wgrad).
-        into_main_grad = self.config.gradient_accumulation_fusion or (
-            getattr(weight, "main_grad", None) is not None and hasattr(weight, "grad_added_to_main_grad"))
+        into_main_grad = self.config.gradient_accumulation_fusion or in_ddp_grad_buffer(weight)
         # The op computes its gradients in forward, for the upstream gradient each head's per-token loss
         # will get up to one common factor (loss scale / micro-batches, known only in backward): the main
         # loss's from the loss function (loss_mask-weighted sum, divided by clamp(sum, 1) unless
@@ -86,7 +84,7 @@ class FusedLossGPTModel(GPTModel):
                                 avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
             scale = self.config.mtp_loss_scaling_factor / depth
             if self.config.calculate_per_token_loss:
-                main_loss = MTPLossAutoScaler.apply(main_loss, scale * mtp_loss)
+                main_loss = attach_mtp_loss(main_loss, scale * mtp_loss)
             else:
-                main_loss = MTPLossAutoScaler.apply(main_loss, scale * mtp_loss / token_counts[i])
+                main_loss = attach_mtp_loss(main_loss, scale * mtp_loss / token_counts[i])
         return main_loss

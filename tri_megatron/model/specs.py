@@ -7,7 +7,6 @@ unfused one. Either way the core attention applies the Tri query scaling when it
 
 from __future__ import annotations
 
-import copy
 import functools
 
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -16,6 +15,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_mtp_block_spec,
 )
 
+from tri_megatron.mcore_internals import set_attention_modules
 from tri_megatron.model.attention import SDPACoreAttention, TriSelfAttention, te_core_attention_with_query_scaling
 
 
@@ -43,14 +43,10 @@ def tri_layer_spec(config, use_te: bool):
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec()
         if getattr(config, "ssmax", False) or getattr(config, "attn_temperature_tuning", False):
-            spec = copy.deepcopy(spec)
-            spec.submodules.self_attention.module = TriSelfAttention
-            spec.submodules.self_attention.submodules.core_attention = te_core_attention_with_query_scaling()
+            spec = set_attention_modules(spec, TriSelfAttention, te_core_attention_with_query_scaling())
         return spec
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
-    spec.submodules.self_attention.module = TriSelfAttention
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-    return spec
+    return set_attention_modules(get_gpt_layer_local_spec(normalization="RMSNorm"), TriSelfAttention,
+                                 SDPACoreAttention)
 
 
 def tri_mtp_block_spec(config, layer_spec, use_te: bool, vp_stage=None):

@@ -89,6 +89,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from tri_megatron.mcore_internals import main_grad as ddp_main_grad, wgrad_placeholder
 from tri_megatron.ops._kernels import use_kernels_for
 
 __all__ = ["fused_linear_cross_entropy", "fused_mtp_cross_entropy", "reference_mtp_cross_entropy",
@@ -421,7 +422,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if grad_w_re is not None:
                 grad_w = grad_w_re
         if produced_w and main_grad is not None:
-            grad_w = _main_grad_return(weight, dummy_storage)
+            grad_w = wgrad_placeholder(weight, dummy_storage)  # megatron DDP's dummy grad
         return (None, grad_w, *grads_h)
 
 
@@ -484,25 +485,6 @@ def _recompute(heads, weight, hiddens, ups, lse_all, sizes, need_x, need_w):
     return gx, (acc if acc.dtype == weight.dtype else acc.to(weight.dtype))
 
 
-def _main_grad_return(weight: torch.Tensor, storage: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """What megatron's linear layers return as weight grad after accumulating into ``main_grad``: a
-    weight-shaped tensor DDP's hook skips (zeros when megatron sets ``zero_out_wgrad``), here made in
-    ``storage`` (the spent weight-gradient buffer, at least as many bytes) when given."""
-    if not hasattr(weight, "grad_added_to_main_grad"):
-        return None
-    if storage is not None and storage.is_contiguous() and \
-            storage.numel() * storage.element_size() >= weight.numel() * weight.element_size():
-        flat = storage.view(-1).view(torch.uint8)[: weight.numel() * weight.element_size()]
-        dummy = flat.view(weight.dtype).view(weight.shape)
-        if getattr(weight, "zero_out_wgrad", False):
-            dummy.zero_()
-    else:
-        make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
-        dummy = make(weight.main_grad.shape, dtype=weight.dtype, device=weight.device, requires_grad=False)
-    weight.grad_added_to_main_grad = True
-    return dummy
-
-
 # ------------------------------------------------------------------------ public API -----------------
 def _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, chunk_size, z_loss_weight,
              scales, upstream_weights, accumulate_into_main_grad, use_kernels) -> _Heads:
@@ -520,7 +502,7 @@ def _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, c
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     main_grad = None
     if accumulate_into_main_grad:
-        main_grad = getattr(weight, "main_grad", None)
+        main_grad = ddp_main_grad(weight)
         if main_grad is None or tuple(main_grad.shape) != tuple(weight.shape):
             raise ValueError("accumulate_into_main_grad needs weight.main_grad shaped like weight")
     rank, world = _tp_info(tp_group)

@@ -166,10 +166,12 @@ def count_nonfinite_grads(model_chunks: list) -> float:
     One fused reduction per tensor and a single host sync. After the schedule has reduced the
     gradients over data parallel ranks, a non-finite value anywhere shows up on some rank.
     """
+    from tri_megatron.mcore_internals import main_grad
+
     flags = []
     for chunk in model_chunks:
         for p in chunk.parameters():
-            g = getattr(p, "main_grad", None)
+            g = main_grad(p)
             if g is None:
                 g = p.grad
             if g is not None and g.numel():
