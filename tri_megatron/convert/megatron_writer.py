@@ -18,7 +18,6 @@ project's checkpoint directory (``iter_0000000/tri_meta.json``, the tracker file
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -168,13 +167,14 @@ def write_checkpoint(root: str, args, get_canonical: Callable[[str], torch.Tenso
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
     from tri_megatron.convert.megatron_runtime import args_from_meta
+    from tri_megatron.mcore_internals import common_state_in_common_pt
     from tri_megatron.training.checkpointing import META, TRACKER, checkpoint_meta, iter_dir
 
     build_args = args_from_meta(_model_fields(args), 1, 1, None, bf16=args.bf16, world=1)
     tensors, objects = meta_sharded_state(build_args)
     common = {"scheduler": None, "iteration": 0, "consumed_samples": 0}  # what save_checkpoint stores
     # megatron-core < 0.19 keeps the common state in common.pt; 0.19 in the checkpoint, as one object
-    legacy_common = "common_backend" in {f.name for f in dataclasses.fields(CheckpointingConfig)}
+    legacy_common = common_state_in_common_pt()
     if not legacy_common:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 

@@ -19,7 +19,6 @@ host generator (the CPU shim), so states never cross between CPU and GPU; the lo
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -29,11 +28,11 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from tri_megatron import runtime
+from tri_megatron.mcore_internals import model_sharded_state_dicts, prime_optimizer_state, torch_adam_step_passthrough
 from tri_megatron.training import fault
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -95,16 +94,8 @@ def _unwrap(m):
 
 
 def _model_sharded_state_dict(model: list) -> dict:
-    model = [_unwrap(m) for m in model]
-    metadata = ensure_metadata_has_dp_cp_group(None)  # MTP off the first stage needs the DP group
-    if len(model) == 1:
-        return {"model": model[0].sharded_state_dict(metadata=metadata)}
-    sd = {}
-    for i, m in enumerate(model):
-        parallel_state.set_virtual_pipeline_model_parallel_rank(i)
-        sd[f"model{i}"] = m.sharded_state_dict(metadata=metadata)
-    parallel_state.set_virtual_pipeline_model_parallel_rank(0)
-    return sd
+    dicts = model_sharded_state_dicts([_unwrap(m) for m in model])  # the seam in mcore_internals
+    return {"model": dicts[0]} if len(dicts) == 1 else {f"model{i}": d for i, d in enumerate(dicts)}
 
 
 def _rng_state(rt) -> dict:
@@ -134,52 +125,6 @@ def _layout(args) -> dict:
     return {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
             "vpp": args.virtual_pipeline_model_parallel_size, "dp": args.data_parallel_size,
             "cp": args.context_parallel_size}
-
-
-def _prime_optimizer_state(optimizer) -> None:
-    """Give a never-stepped torch Adam its state (with 'step') before a load.
-
-    Without apex/TE, megatron-core's DistributedOptimizer.state_dict() reads every param's 'step',
-    which torch Adam only creates on its first step; megatron's init_state_fn does not add it.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None or not hasattr(opt, "init_state_fn") or opt.init_state_fn is None:
-            continue
-        opt.init_state_fn(inner, getattr(opt, "config", None))
-        for state in inner.state.values():
-            state.setdefault("step", torch.tensor(0.0))
-
-
-@contextlib.contextmanager
-def _torch_adam_step_passthrough(optimizer):
-    """Without apex/TE, DistributedOptimizer.load_state_dict sets torch Adam's 'step' from the
-    checkpoint, then copies every per-param state tensor from the fully-reshardable payload, which
-    has no 'step' (KeyError). Hand the copy the step just restored, so it copies it onto itself."""
-    patched = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
-        if setter is None:
-            continue
-
-        def with_step(model_param, tensors, _opt=opt, _setter=setter):
-            steps = [s["step"] for s in _opt.optimizer.state.values() if "step" in s]
-            if steps and "step" not in tensors:
-                tensors = {**tensors, "step": steps[0]}
-            return _setter(model_param, tensors)
-
-        opt._set_main_param_and_optimizer_states = with_step
-        patched.append(opt)
-    try:
-        yield
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states
-            # megatron hands every param the same 'step' tensor, which torch Adam then increments
-            # once per param: give each its own.
-            for state in opt.optimizer.state.values():
-                if "step" in state:
-                    state["step"] = state["step"].clone()
 
 
 _OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -257,7 +202,7 @@ def load_checkpoint(root: str, model: list, optimizer, scheduler, args, rt=None)
     state = dict(model_sd)
     load_optim = optimizer is not None and meta.get("has_optimizer", False)
     if load_optim:
-        _prime_optimizer_state(optimizer)
+        prime_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_META)
     loaded = dist_checkpointing.load(state, path)
     if len(model) == 1:
@@ -266,7 +211,7 @@ def load_checkpoint(root: str, model: list, optimizer, scheduler, args, rt=None)
         for i, m in enumerate(model):
             _unwrap(m).load_state_dict(loaded[f"model{i}"])
     if load_optim:
-        with _torch_adam_step_passthrough(optimizer):
+        with torch_adam_step_passthrough(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
     # A weights-only checkpoint (--no-save-optim) starts a fresh schedule from this run's flags.
     if scheduler is not None and load_optim and loaded.get("scheduler"):
