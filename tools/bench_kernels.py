@@ -56,6 +56,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from tri_megatron.mcore_internals import megatron_rope_bshd, vocab_parallel_cross_entropy_on  # noqa: E402
 from tri_megatron.ops import fused_cross_entropy as fce  # noqa: E402
 from tri_megatron.ops._kernels import kernels_available  # noqa: E402
 from tri_megatron.ops.rope_ssmax import apply_rope_and_query_scale  # noqa: E402
@@ -178,12 +179,7 @@ def megatron_vocab_parallel_ce(device):
     """megatron's vocab_parallel_cross_entropy bound to a one-rank TP group (no parallel_state init)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from megatron.core.tensor_parallel import cross_entropy as mce
-    group = _init_single_rank_group(device)
-    mce.get_tensor_model_parallel_group = lambda: group
-    mce.get_tensor_model_parallel_rank = lambda: 0
-    mce.get_tensor_model_parallel_world_size = lambda: 1
-    return mce.vocab_parallel_cross_entropy
+        return vocab_parallel_cross_entropy_on(_init_single_rank_group(device))  # seam in mcore_internals
 
 
 # ----------------------------------------------------------------------------------- loss bench ----
@@ -401,8 +397,7 @@ def bench_cce_filter(args, device, shape):
 def _megatron_rope():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
-    return _apply_rotary_pos_emb_bshd
+        return megatron_rope_bshd()  # seam in mcore_internals
 
 
 def bench_rope(args, device, dtype, scale):

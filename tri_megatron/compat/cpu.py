@@ -20,7 +20,6 @@ GPU run is never altered. Call it once, before megatron-core builds anything; it
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -129,15 +128,9 @@ def activate(virtual_device: bool = False) -> bool:
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
     cuda.Event = _NullEvent  # type: ignore[assignment]
 
-    from megatron.core.tensor_parallel import random as mpu_random
+    from tri_megatron.mcore_internals import route_rng_tracker_to_host
 
-    mpu_random._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
-    mpu_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-
-    # The tracker's fork swaps the (CPU) generator on purpose here; its warning would be noise.
-    logging.getLogger(mpu_random.__name__).addFilter(
-        lambda record: "CPU RNG state changed" not in record.getMessage()
-    )
+    route_rng_tracker_to_host()  # the tracker's private generator hooks, and its host-state warning
 
     _ACTIVE = True
     return True

@@ -84,27 +84,21 @@ def fake_rank(rank: int, world: int, tp: int, pp: int, vpp, cp: int):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from tri_megatron import compat
+    from tri_megatron.mcore_internals import gloo_groups_as_main
 
     if dist.is_initialized():
         raise RuntimeError("the dry run needs a process without a process group")
     compat.activate()  # megatron's torch.cuda calls on a host without CUDA
-    saved = {"all_gather_object": dist.all_gather_object, "dp_gloo": ps.get_data_parallel_group_gloo,
-             "edp_gloo": ps.get_expert_data_parallel_group_gloo}
+    saved_all_gather_object = dist.all_gather_object
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         ps.initialize_model_parallel(tp, pp, vpp if vpp and vpp > 1 else None, context_parallel_size=cp,
                                      create_gloo_process_groups=False)
         dist.all_gather_object = _symmetric_all_gather_object
-        ps.get_data_parallel_group_gloo = lambda with_context_parallel=False, partial_data_parallel=False: \
-            ps.get_data_parallel_group(with_context_parallel=with_context_parallel,
-                                       partial_data_parallel=partial_data_parallel)
-        ps.get_expert_data_parallel_group_gloo = lambda partial_expert_data_parallel=False: \
-            ps.get_expert_data_parallel_group(partial_expert_data_parallel=partial_expert_data_parallel)
-        model_parallel_cuda_manual_seed(1234)
-        yield
+        with gloo_groups_as_main():  # the seam in mcore_internals
+            model_parallel_cuda_manual_seed(1234)
+            yield
     finally:
-        dist.all_gather_object = saved["all_gather_object"]
-        ps.get_data_parallel_group_gloo = saved["dp_gloo"]
-        ps.get_expert_data_parallel_group_gloo = saved["edp_gloo"]
+        dist.all_gather_object = saved_all_gather_object
         ps.destroy_model_parallel()
         dist.destroy_process_group()

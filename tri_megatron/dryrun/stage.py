@@ -87,31 +87,27 @@ class _DryRunRMSNorm(torch.nn.Module):
 @contextlib.contextmanager
 def _dry_run_layers():
     """Flash-attention saves in the local core attention; norms that accept sequence parallelism."""
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
+    from tri_megatron.mcore_internals import torch_norms_built_by
     from tri_megatron.model.attention import SDPACoreAttention
 
     def attend(self, q, k, v, q_start):  # q [b, h, s, d]; k, v [b, groups, s, d], kept unexpanded as flash does
         return _FlashAttentionSaves.apply(q, k, v)
 
-    orig_norm = WrappedTorchNorm.__new__
-
-    def norm(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+    def norm(config, hidden_size, eps, megatron_norm):
         if config.normalization == "RMSNorm":
             return _DryRunRMSNorm(hidden_size, eps)
         if config.sequence_parallel:
             config = copy.copy(config)
             config.sequence_parallel = False
-        return orig_norm(cls, config, hidden_size, eps, *args, **kwargs)
+        return megatron_norm(config)
 
     orig_attend = SDPACoreAttention._attend
     SDPACoreAttention._attend = attend
-    WrappedTorchNorm.__new__ = norm
     try:
-        yield
+        with torch_norms_built_by(norm):  # the seam in mcore_internals
+            yield
     finally:
         SDPACoreAttention._attend = orig_attend
-        WrappedTorchNorm.__new__ = orig_norm
 
 
 def _build_chunks(config, args) -> list:
