@@ -1,0 +1,72 @@
+"""Test-only hooks: faults that the test suite injects into real training runs. Never use them in a real run.
+
+Every hook is off unless a test switches it on, and each does nothing else when off. They exist so
+that tests (tests/test_fault.py, tests/test_robustness.py, tests/test_slurm.py) can drive a launched
+``pretrain_tri.py`` into states that are otherwise hard to reach on demand:
+
+* ``--inject-nan-at-iter K [K ...]`` (declared by ``add_flags``; ``RunConfig.inject_nan_at_iter``):
+  the model output of iteration K is multiplied by NaN on every rank, so the loss and every gradient
+  of that step are NaN (the non-finite policy's input). Hook points: ``poison_iteration`` in the
+  training step, ``poison`` on the forward output.
+* ``TRI_TEST_ITER_SLEEP_S=SECONDS``: sleep after every iteration, so that a test's signal lands
+  mid-run. Hook point: ``iteration_sleep`` after each iteration is logged.
+* ``TRI_TEST_PAUSE_IN_SAVE=ITER:SECONDS``: when saving iteration ITER, once this rank has written its
+  files into the temporary directory (before the barrier and the rename), write ``pause-rank<R>.pid``
+  (its pid) there and sleep up to SECONDS (60 if not given; less if an exit signal arrives), so that a
+  test can SIGKILL it mid-save. Hook point: ``pause_in_save`` before a checkpoint is committed.
+
+This module imports nothing from the package at import time (the argument parser imports it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Iterable
+
+ITER_SLEEP_ENV = "TRI_TEST_ITER_SLEEP_S"
+PAUSE_IN_SAVE_ENV = "TRI_TEST_PAUSE_IN_SAVE"
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Declare the test-hook flags."""
+    g = parser.add_argument_group("test hooks (tests only; tri_megatron/test_hooks.py)")
+    g.add_argument("--inject-nan-at-iter", type=int, nargs="+", default=[], metavar="ITER",
+                   help="test hook: make the loss (and so every gradient) NaN at these iterations")
+
+
+# ------------------------------------------------------------------ --inject-nan-at-iter
+def poison_iteration(iteration: int, inject_nan_at_iter: Iterable[int]) -> bool:
+    """Whether the step computing ``iteration`` (1-based) is to have its output poisoned."""
+    return iteration in inject_nan_at_iter
+
+
+def poison(output):
+    """The forward output times NaN: every loss and gradient of the step becomes NaN."""
+    return output * float("nan")
+
+
+# ------------------------------------------------------------------ environment hooks
+def iteration_sleep() -> None:
+    """TRI_TEST_ITER_SLEEP_S: slow every iteration down."""
+    s = os.environ.get(ITER_SLEEP_ENV)
+    if s:
+        time.sleep(float(s))
+
+
+def pause_in_save(tmp_dir: str, iteration: int, rank: int) -> None:
+    """TRI_TEST_PAUSE_IN_SAVE=ITER:SECONDS: stall inside the save of ITER, files written, before the rename."""
+    spec = os.environ.get(PAUSE_IN_SAVE_ENV)
+    if not spec:
+        return
+    it, _, seconds = spec.partition(":")
+    if int(it) != iteration:
+        return
+    from tri_megatron.training.fault import signal_received
+
+    with open(os.path.join(tmp_dir, f"pause-rank{rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    deadline = time.time() + float(seconds or 60)
+    while time.time() < deadline and signal_received() is None:
+        time.sleep(0.05)
