@@ -3,8 +3,9 @@
 
     torchrun --nproc_per_node N pretrain_tri.py --model tri-tiny --mock-data ...
 
-arguments -> validation and the device decision (exit 2, nothing written) -> distributed init on the
-runtime's backend (NCCL on GPU, gloo on CPU) -> model, data, optimizer -> training loop -> checkpoints and logs.
+flags -> the typed run configuration and the device decision (exit 2, nothing written; tri_megatron.config)
+-> distributed init on the runtime's backend (NCCL on GPU, gloo on CPU) -> model, data, optimizer ->
+training loop -> checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -15,48 +16,50 @@ import warnings
 # megatron-core warns at import about optional fused kernels (TE/apex) it can do without.
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
 warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
-from tri_megatron.arguments import ArgumentError, parse_args, validate_args, world_size_from_env
+from tri_megatron.config import ArgumentError, load_run_config  # noqa: E402
 
 
-def resolve_runtime(args):
+def resolve_runtime(device: str):
     """The run's one device decision (tri_megatron.runtime); ArgumentError when it cannot be honoured."""
     from tri_megatron.runtime import DeviceError, resolve
     from tri_megatron.training.distributed import launch_env
 
     try:
-        return resolve(args.device, local_rank=launch_env()["local_rank"])
+        return resolve(device, local_rank=launch_env()["local_rank"])
     except DeviceError as e:
         raise ArgumentError(f"{e} (rank {launch_env()['rank']})") from None
 
 
-def check_before_start(argv=None, with_runtime: bool = False):
-    """Parse and validate everything checkable without processes or models, and decide the device;
-    exit 2 on error. Returns args (and the runtime when with_runtime)."""
+def check_before_start(argv=None):
+    """The run configuration and the runtime, with everything checkable before any process group or
+    model exists checked; exit 2 with one line on error."""
     try:
-        args = parse_args(argv)  # --tokenizer is read here (the model's vocabulary follows it)
-        rt = resolve_runtime(args)
-        validate_args(args, world_size_from_env())
-        from tri_megatron.launch_checks import check_vocab_and_load
+        cfg = load_run_config(argv)  # --tokenizer is read here (the model's vocabulary follows it)
+        rt = resolve_runtime(cfg.training.device)
+        from tri_megatron.launch_checks import check_load_fits
 
         hint = " (found in --save: auto-resume; use a new --save directory to start afresh)"
-        check_vocab_and_load(args, hint if args.auto_resume else "")
+        check_load_fits(cfg, hint if cfg.checkpoint.auto_resume else "")
     except ArgumentError as e:
         print(f"pretrain_tri.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    return (args, rt) if with_runtime else args
+    return cfg, rt
 
 
-def build_data(args, dp_rank: int, dp_size: int):
-    if args.mock_data:
+def build_data(cfg, dp_rank: int, dp_size: int):
+    """This data-parallel rank's training and validation data for the run ``cfg``."""
+    tr = cfg.training
+    if cfg.data.mock_data:
         from tri_megatron.training.mock_data import MockData
 
-        return MockData(args.seq_length, args.vocab_size, args.micro_batch_size, dp_rank, dp_size, args.seed)
+        return MockData(tr.seq_length, cfg.arch.vocab_size, tr.micro_batch_size, dp_rank, dp_size, tr.seed,
+                        config=cfg.data)
     from tri_megatron.data.provider import build_data as build_file_data
 
     return build_file_data(
-        args, dp_rank=dp_rank, dp_size=dp_size,
-        train_samples=args.train_iters * args.global_batch_size,
-        eval_samples=max(args.eval_iters, 1) * args.global_batch_size,
+        cfg.data_args(), dp_rank=dp_rank, dp_size=dp_size,
+        train_samples=tr.train_iters * tr.global_batch_size,
+        eval_samples=max(tr.eval_iters, 1) * tr.global_batch_size,
     )
 
 
@@ -65,7 +68,7 @@ def main(argv=None) -> list:
         from tri_megatron.dryrun import main as dry_run
 
         sys.exit(dry_run(argv))
-    args, rt = check_before_start(argv, with_runtime=True)
+    cfg, rt = check_before_start(argv)
     from megatron.core import parallel_state
 
     from tri_megatron.convert.export_hook import make_on_save
@@ -75,17 +78,18 @@ def main(argv=None) -> list:
     from tri_megatron.training.metrics import MetricsLogger
 
     # early, so a preemption notice that arrives while the model is built or loaded is not lost
-    fault.install_exit_signal_handler(args, rank=launch_env()["rank"])
+    fault.install_exit_signal_handler(cfg.fault, rank=launch_env()["rank"])
     from tri_megatron.runtime import DeviceError
 
     try:
-        env = init_distributed(args, rt)
+        env = init_distributed(cfg.parallel, cfg.training.seed, rt)
     except DeviceError as e:  # the ranks decided differently: all of them stop here
         print(f"pretrain_tri.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     from tri_megatron.training.checkpointing import lock_save_dir
 
-    lock, locked = lock_save_dir(args, env["rank"])  # before anything is read from or written to --save
+    ckpt = cfg.checkpoint
+    lock, locked = lock_save_dir(ckpt.save, env["rank"])  # before anything is read from or written to --save
     if locked:
         if env["rank"] == 0:
             print(f"pretrain_tri.py: error: {locked}", file=sys.stderr)
@@ -93,31 +97,29 @@ def main(argv=None) -> list:
         sys.exit(2)
     try:
         try:
-            data = build_data(args, parallel_state.get_data_parallel_rank(),
+            data = build_data(cfg, parallel_state.get_data_parallel_rank(),
                               parallel_state.get_data_parallel_world_size())
-            trainer = Trainer(args, rt)
-            logger = MetricsLogger(args, env["rank"])
-            if args.load:  # records of iterations after this one written before this line are superseded
+            trainer = Trainer(cfg, rt)
+            logger = MetricsLogger(cfg.logging, cfg.training.train_iters, env["rank"])
+            if ckpt.load:  # records of iterations after this one written before this line are superseded
                 import time
 
-                logger.event({"event": "restart", "iteration": trainer.iteration, "load": args.load,
-                              "auto_resume": bool(args.auto_resume), "time": time.time()})
+                logger.event({"event": "restart", "iteration": trainer.iteration, "load": ckpt.load,
+                              "auto_resume": ckpt.auto_resume, "time": time.time()})
             if env["rank"] == 0:
-                print(f"tri_megatron: {args.model} | layout TP={args.tensor_model_parallel_size} "
-                      f"PP={args.pipeline_model_parallel_size} VPP={args.virtual_pipeline_model_parallel_size or 1} "
-                      f"CP={args.context_parallel_size} DP={args.data_parallel_size} | {rt.describe()} | "
+                print(f"tri_megatron: {cfg.arch.name} | layout {cfg.parallel.describe()} | {rt.describe()} | "
                       f"{'Transformer Engine' if trainer.use_te else 'local (torch SDPA)'} layers | "
                       f"starting at iteration {trainer.iteration}"
-                      + (f" (auto-resumed from --save {args.save})" if args.auto_resume else ""), flush=True)
-            history = trainer.train(data, logger, on_save=make_on_save(args, env["rank"]))
+                      + (f" (auto-resumed from --save {ckpt.save})" if ckpt.auto_resume else ""), flush=True)
+            history = trainer.train(data, logger, on_save=make_on_save(cfg, env["rank"]))
             logger.close()
         finally:
             destroy_distributed()
         reason = trainer.exit_reason[0] if trainer.exit_reason else None
         if reason == "nonfinite":
             sys.exit(fault.EXIT_NONFINITE)
-        if (args.slurm_requeue and env["rank"] == 0 and reason in ("signal", "duration")
-                and trainer.iteration < args.train_iters):
+        if (cfg.fault.slurm_requeue and env["rank"] == 0 and reason in ("signal", "duration")
+                and trainer.iteration < cfg.training.train_iters):
             if lock is not None:
                 lock.release()  # the requeued job takes it
             fault.requeue_slurm_job()  # last: SLURM ends this job's processes as it requeues it

@@ -9,28 +9,33 @@ import time
 import pytest
 
 from launcher import TINY, run
-from tri_megatron.convert.export_hook import add_export_args, make_on_save, validate_export_args
+from tri_megatron.convert.export_hook import ExportConfig, make_on_save
 
 
-def _args(**kw):
-    base = dict(export_hf_interval=2, export_hf_dir=None, save=None, save_interval=2, tokenizer=None)
-    base.update(kw)
-    return argparse.Namespace(**base)
+def _run_config(export_hf_interval=2, export_hf_dir=None, save=None, save_interval=2, tokenizer=None):
+    """The parts of a RunConfig the exporter reads."""
+    return argparse.Namespace(export=ExportConfig(export_hf_interval, export_hf_dir),
+                              checkpoint=argparse.Namespace(save=save, save_interval=save_interval),
+                              data=argparse.Namespace(tokenizer=tokenizer))
+
+
+def _validate(export_hf_interval=2, export_hf_dir=None, save=None, save_interval=2):
+    ExportConfig(export_hf_interval, export_hf_dir).validate(save, save_interval)
 
 
 def test_flags_and_validation():
     parser = argparse.ArgumentParser()
-    add_export_args(parser)
+    ExportConfig.add_flags(parser)
     ns = parser.parse_args(["--export-hf-interval", "4", "--export-hf-dir", "snap"])
     assert (ns.export_hf_interval, ns.export_hf_dir) == (4, "snap")
     assert parser.parse_args([]).export_hf_interval == 0
-    validate_export_args(_args(export_hf_interval=0))
+    _validate(export_hf_interval=0)
     with pytest.raises(ValueError, match="--export-hf-dir"):
-        validate_export_args(_args())
+        _validate()
     with pytest.raises(ValueError, match="--save"):
-        validate_export_args(_args(export_hf_dir="d"))
+        _validate(export_hf_dir="d")
     with pytest.raises(ValueError, match="not a multiple of --save-interval 2"):
-        validate_export_args(_args(export_hf_interval=3, export_hf_dir="d", save="s"))
+        _validate(export_hf_interval=3, export_hf_dir="d", save="s")
 
 
 def _tokenizer(path):
@@ -47,7 +52,7 @@ def test_on_save_exports_in_the_background(tmp_path, megatron_single_process):
     save, snaps = str(tmp_path / "ckpt"), str(tmp_path / "snapshots")
     run(1, TINY + ["--train-iters", "2", "--save", save, "--save-interval", "2", "--no-save-optim",
                    "--mtp-num-layers", "1"])
-    args = _args(export_hf_dir=snaps, save=save, tokenizer=_tokenizer(str(tmp_path / "tokenizer.json")))
+    args = _run_config(export_hf_dir=snaps, save=save, tokenizer=_tokenizer(str(tmp_path / "tokenizer.json")))
 
     assert make_on_save(args, rank=1)(2) is None  # only rank 0 exports
     exporter = make_on_save(args, rank=0)

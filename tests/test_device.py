@@ -103,7 +103,8 @@ def _trainer(rt, cp: int = 1):
     from tri_megatron.training.loop import Trainer
 
     t = object.__new__(Trainer)  # only the step functions: no model, optimizer or data are built
-    t.args, t.rt, t._poison = _Args(context_parallel_size=cp), rt, False
+    t.cfg = _Args(parallel=_Args(cp=cp), data=_Args(reset_attention_mask=False))
+    t.rt, t._poison = rt, False
     return t
 
 
@@ -144,20 +145,18 @@ def test_context_parallel_rank_gets_its_two_sequence_chunks(virtual_device, monk
 
 # ----------------------------------------------------------------------------- item 2: the model
 def _tiny_args(*extra):
-    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.config import load_run_config
 
-    args = parse_args(["--mock-data", "--vocab-size", "256", "--seq-length", "32", *extra])
-    validate_args(args, 1)
-    return args
+    return load_run_config(["--mock-data", "--vocab-size", "256", "--seq-length", "32", *extra], world_size=1, rank=0)
 
 
 def test_model_is_built_on_the_device(virtual_device):
     from tri_megatron.compat import is_device_tensor
     from tri_megatron.model.builder import build_model_chunks
-    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.model.config import transformer_config
 
     args = _tiny_args("--mtp-num-layers", "1", "--ssmax")
-    cfg = transformer_config_from_args(args, False, virtual_device)
+    cfg = transformer_config(args, False, virtual_device)
     assert cfg.use_cpu_initialization is False  # weights created and initialised on the device
     model = build_model_chunks(cfg, args, False, virtual_device)[0]
     on_host = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if not is_device_tensor(t)]
@@ -165,12 +164,12 @@ def test_model_is_built_on_the_device(virtual_device):
 
 
 def test_config_follows_the_runtime_not_cuda_availability(megatron_single_process):
-    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.model.config import transformer_config
     from tri_megatron.runtime import Runtime
 
     args = _tiny_args()
-    cpu = transformer_config_from_args(args, False, Runtime("cpu", "gloo"))
-    virtual = transformer_config_from_args(args, False, Runtime("cuda", "gloo", virtual=True))
+    cpu = transformer_config(args, False, Runtime("cpu", "gloo"))
+    virtual = transformer_config(args, False, Runtime("cuda", "gloo", virtual=True))
     assert cpu.use_cpu_initialization and not cpu.batch_p2p_comm
     assert not virtual.use_cpu_initialization and not virtual.batch_p2p_comm  # gloo: p2p one by one
     assert not virtual.bias_activation_fusion  # no CUDA kernels behind the virtual device
@@ -273,10 +272,10 @@ def test_sliding_window_attends_in_blocks_without_a_dense_mask(megatron_single_p
     from megatron.core.transformer.enums import AttnMaskType
 
     from tri_megatron.model.attention import SDPACoreAttention
-    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.model.config import transformer_config
 
     args = _tiny_args("--window-size", "16", "--no-rope-freq", "4", "--window-attn-skip-freq", "4")
-    cfg = transformer_config_from_args(args, False)
+    cfg = transformer_config(args, False)
     attn = SDPACoreAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
     attn.window_block = 32
     s, b, h, g, d = 128, 2, 4, 2, cfg.kv_channels

@@ -31,14 +31,13 @@ RUNNER = textwrap.dedent("""
     jobs, out = json.load(open(sys.argv[1])), {}
     for name, (argv, world) in jobs.items():
         try:
-            args = validate(argv, world)
-            reports = run(args, world, 79.6)
+            cfg = validate(argv, world)
+            reports = run(cfg, world, 79.6)
         except Exception as e:  # reported per layout by the test
             out[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
-        out[name] = {"reports": [r.__dict__ for r in reports], "compare": compare(args, reports),
-                     "layers": args.num_layers, "vpp": args.virtual_pipeline_model_parallel_size or 1,
-                     "pp": args.pipeline_model_parallel_size}
+        out[name] = {"reports": [r.__dict__ for r in reports], "compare": compare(cfg, reports),
+                     "layers": cfg.arch.num_layers, "vpp": cfg.parallel.model_chunks, "pp": cfg.parallel.pp}
     json.dump(out, open(sys.argv[2], "w"))
 """)
 

@@ -42,11 +42,11 @@ def test_bad_flags(case, tmp_path):
 
 
 def test_groups_not_divisible_by_tp_message():
-    from tri_megatron.arguments import ArgumentError, parse_args, validate_args
+    from tri_megatron.config import ArgumentError, load_run_config
 
-    args = parse_args([*TINY, "--num-query-groups", "1", "--num-attention-heads", "4", "--tensor-model-parallel-size", "2"])
+    argv = [*TINY, "--num-query-groups", "1", "--num-attention-heads", "4", "--tensor-model-parallel-size", "2"]
     with pytest.raises(ArgumentError, match="--num-query-groups 1 is not divisible by --tensor-model-parallel-size 2"):
-        validate_args(args, 2)
+        load_run_config(argv, world_size=2, rank=0)
 
 
 def test_load_without_checkpoint(tmp_path):

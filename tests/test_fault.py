@@ -221,22 +221,21 @@ def test_signal_handler_records_first_signal():
 
 
 def test_exit_conditions_and_nonfinite_policy():
-    import argparse
-
     import torch
 
+    from tri_megatron.config.fault import FaultConfig
     from tri_megatron.training import fault
 
     now = [100.0]
-    args = argparse.Namespace(exit_interval=3, exit_duration_in_mins=1.0, exit_signals="none")
-    cond = fault.ExitConditions(args, start_time=100.0, clock=lambda: now[0])
+    cfg = FaultConfig(exit_interval=3, exit_duration_in_mins=1.0, exit_signals=())
+    cond = fault.ExitConditions(cfg, start_time=100.0, clock=lambda: now[0])
     assert cond.check(1) is None and cond.check(3)[0] == "interval"
     now[0] = 161.0
     assert cond.check(4)[0] == "duration"
 
-    policy = fault.NonfinitePolicy(argparse.Namespace(on_nonfinite="skip", max_nonfinite_skips=2))
+    policy = fault.NonfinitePolicy(FaultConfig(on_nonfinite="skip", max_nonfinite_skips=2))
     assert [policy.observe(b) for b in (["grad"], [], ["lm_loss"], ["grad"])] == ["skip", "ok", "skip", "stop"]
-    assert fault.NonfinitePolicy(argparse.Namespace(on_nonfinite="stop", max_nonfinite_skips=0)).observe(["grad"]) == "stop"
+    assert fault.NonfinitePolicy(FaultConfig(on_nonfinite="stop", max_nonfinite_skips=0)).observe(["grad"]) == "stop"
     assert fault.nonfinite_fields(1.0, None, 0) == [] and fault.nonfinite_fields(float("inf"), 2.0, 1) == ["lm_loss", "grad"]
 
     m = torch.nn.Linear(3, 2)
@@ -268,7 +267,7 @@ def test_launch_env_reads_torchrun_and_slurm_through_one_path():
 
 
 def test_fault_flags_are_validated():
-    from tri_megatron.arguments import ArgumentError, parse_args, validate_args
+    from tri_megatron.config import ArgumentError, load_run_config
 
     for extra, match in ((["--exit-signals", "SIGKILL"], "cannot be caught"),
                          (["--exit-interval", "0"], "--exit-interval 0"),
@@ -276,4 +275,4 @@ def test_fault_flags_are_validated():
                          (["--max-nonfinite-skips", "-1"], "--max-nonfinite-skips"),
                          (["--slurm-requeue"], "--slurm-requeue needs --save")):
         with pytest.raises(ArgumentError, match=match):
-            validate_args(parse_args([*TINY, *extra]), 1)
+            load_run_config([*TINY, *extra], world_size=1, rank=0)

@@ -19,17 +19,16 @@ MICRO_BATCHES = 4
 
 
 def _build(extra):
-    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.config import load_run_config
     from tri_megatron.model.builder import build_model_chunks
-    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.model.config import transformer_config
     from tri_megatron.training.optimizer import wrap_ddp
 
-    args = parse_args(["--mock-data", "--seq-length", "32", "--micro-batch-size", "2", "--mtp-num-layers", "2",
-                       *extra])
-    validate_args(args, 1)
-    cfg = transformer_config_from_args(args, False)
-    model = build_model_chunks(cfg, args, False)[0]
-    return model, cfg, args, wrap_ddp
+    run = load_run_config(["--mock-data", "--seq-length", "32", "--micro-batch-size", "2", "--mtp-num-layers", "2",
+                           *extra], world_size=1, rank=0)
+    cfg = transformer_config(run, False)
+    model = build_model_chunks(cfg, run, False)[0]
+    return model, cfg, run, lambda chunks, config, run: wrap_ddp(chunks, config, run.parallel)
 
 
 def _batches(vocab, seed=0):
@@ -71,7 +70,7 @@ def test_fused_loss_in_megatron_schedule_matches_unfused(megatron_single_process
     ref.load_state_dict(fused.state_dict())
     ddp_fused = wrap_ddp([fused], cfg, args)[0]
     ddp_ref = wrap_ddp([ref], ref_cfg, args)[0]
-    batches = _batches(args.vocab_size)
+    batches = _batches(args.arch.vocab_size)
 
     before = dict(fce.backward_path_counts)
     got = _run(ddp_fused, cfg, batches)
@@ -100,6 +99,6 @@ def test_evaluation_computes_no_gradients(megatron_single_process, monkeypatch):
     real = fce._chunk_grad_inplace
     monkeypatch.setattr(fce, "_chunk_grad_inplace", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
-        losses = _run(ddp_fused, cfg, _batches(args.vocab_size, seed=1), forward_only=True)
+        losses = _run(ddp_fused, cfg, _batches(args.arch.vocab_size, seed=1), forward_only=True)
     assert len(losses) == MICRO_BATCHES and not calls
     assert all(p.main_grad.abs().sum() == 0 for p in fused.parameters())

@@ -15,17 +15,16 @@ def _te_config(monkeypatch, apex: bool):
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.tensor_parallel import layers
 
-    from tri_megatron.arguments import parse_args, validate_args
-    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.config import load_run_config
+    from tri_megatron.model.config import transformer_config
 
-    args = parse_args(["--mock-data", "--bf16", "--vocab-size", "1024"])
-    validate_args(args, 1)
+    args = load_run_config(["--mock-data", "--bf16", "--vocab-size", "1024"], world_size=1, rank=0)
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "is_available", lambda: True)
         m.setattr(layers, "_grad_accum_fusion_available", apex)
         # TE present: megatron's config check of the TE RoPE fusion finds its kernel
         m.setattr(rope_utils, "fused_apply_rotary_pos_emb", lambda *a, **k: None)
-        cfg = transformer_config_from_args(args, use_te=True)
+        cfg = transformer_config(args, use_te=True)
     cfg.use_cpu_initialization = True  # the layer below is built on this CPU machine
     return cfg
 

@@ -72,15 +72,14 @@ def test_ranks_that_agree_keep_the_kernels(tmp_path):
 
 
 def test_model_builder_agrees_before_building(megatron_single_process, monkeypatch):
-    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.config import load_run_config
     from tri_megatron.model.builder import build_gpt_model
-    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.model.config import transformer_config
     from tri_megatron.ops import _kernels
 
     monkeypatch.setattr(_kernels, "_state", {"tried": False, "module": None, "error": None, "agreed": False})
-    args = parse_args(["--mock-data", "--vocab-size", "1024"])
-    validate_args(args, 1)
-    build_gpt_model(transformer_config_from_args(args, False), args, False, True, True)
+    args = load_run_config(["--mock-data", "--vocab-size", "1024"], world_size=1, rank=0)
+    build_gpt_model(transformer_config(args, False), args, False, True, True)
     assert _kernels._state["agreed"]
 
 

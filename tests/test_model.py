@@ -58,27 +58,24 @@ def test_ssmax_positions_restart_in_each_packed_document():
 
 
 def test_exact_parameter_count_of_built_model(megatron_single_process):
-    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.config import load_run_config
     from tri_megatron.model.builder import build_model_chunks
-    from tri_megatron.model.config import transformer_config_from_args
-    from tri_megatron.presets import count_parameters
+    from tri_megatron.model.config import transformer_config
 
-    args = parse_args(["--mock-data", "--mtp-num-layers", "1", "--ssmax", "--vocab-size", "1024"])
-    validate_args(args, 1)
-    model = build_model_chunks(transformer_config_from_args(args, False), args, False)[0]
+    args = load_run_config(["--mock-data", "--mtp-num-layers", "1", "--ssmax", "--vocab-size", "1024"], world_size=1, rank=0)
+    model = build_model_chunks(transformer_config(args, False), args, False)[0]
     built = sum(p.numel() for p in model.parameters())
-    assert built == count_parameters(**vars(args))
+    assert built == args.arch.num_parameters()
 
 
 def test_sdpa_core_attention_matches_naive_windowed_gqa(megatron_single_process):
-    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.config import load_run_config
     from tri_megatron.model.attention import SDPACoreAttention
-    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.model.config import transformer_config
     from megatron.core.transformer.enums import AttnMaskType
 
-    args = parse_args(["--mock-data", "--window-size", "3", "--no-rope-freq", "4", "--window-attn-skip-freq", "4"])
-    validate_args(args, 1)
-    cfg = transformer_config_from_args(args, False)
+    args = load_run_config(["--mock-data", "--window-size", "3", "--no-rope-freq", "4", "--window-attn-skip-freq", "4"], world_size=1, rank=0)
+    cfg = transformer_config(args, False)
     attn = SDPACoreAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
     s, b, h, g, d = 6, 2, 4, 2, 32
     q, k, v = torch.randn(s, b, h, d), torch.randn(s, b, g, d), torch.randn(s, b, g, d)
@@ -102,16 +99,15 @@ def test_sdpa_core_attention_matches_naive_windowed_gqa(megatron_single_process)
 def test_fused_rope_path_matches_megatron_rope(megatron_single_process, features):
     """Core attention doing RoPE + scaling in one op gives the logits of megatron's own RoPE followed
     by the scaling alone; gradients too."""
-    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.config import load_run_config
     from tri_megatron.model.builder import build_model_chunks
-    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.model.config import transformer_config
 
-    args = parse_args(["--mock-data", "--seq-length", "32", *features])
-    validate_args(args, 1)
-    model = build_model_chunks(transformer_config_from_args(args, False), args, False)[0]
+    args = load_run_config(["--mock-data", "--seq-length", "32", *features], world_size=1, rank=0)
+    model = build_model_chunks(transformer_config(args, False), args, False)[0]
     cores = [m for m in model.modules() if hasattr(m, "fuse_rope")]
     assert cores
-    tokens = torch.randint(0, args.vocab_size, (2, 32))
+    tokens = torch.randint(0, args.arch.vocab_size, (2, 32))
     pos = torch.arange(32).expand(2, -1)
 
     def run(fused: bool):
@@ -137,23 +133,22 @@ def test_fused_rope_path_matches_megatron_rope(megatron_single_process, features
 def test_fused_loss_under_ddp_accumulates_into_main_grad(megatron_single_process, overlap):
     """Under megatron's DDP the fused loss adds the output-layer gradient straight into main_grad (no
     weight-sized fp32 accumulator of its own) and every main_grad equals the unfused model's .grad."""
-    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.config import load_run_config
     from tri_megatron.model.builder import build_model_chunks
-    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.model.config import transformer_config
     from tri_megatron.training.optimizer import wrap_ddp
 
     def build(extra):
-        args = parse_args(["--mock-data", "--seq-length", "32", "--mtp-num-layers", "2", *extra])
-        validate_args(args, 1)
-        cfg = transformer_config_from_args(args, False)
+        args = load_run_config(["--mock-data", "--seq-length", "32", "--mtp-num-layers", "2", *extra], world_size=1, rank=0)
+        cfg = transformer_config(args, False)
         return build_model_chunks(cfg, args, False)[0], cfg, args
 
     fused, cfg, args = build(["--fused-mtp-loss", *(["--overlap-grad-reduce"] if overlap else [])])
     ref, _, _ = build(["--no-fused-mtp-loss"])
     ref.load_state_dict(fused.state_dict())
-    ddp = wrap_ddp([fused], cfg, args)[0]
-    tokens = torch.randint(0, args.vocab_size, (2, 32))
-    labels = torch.randint(0, args.vocab_size, (2, 32))
+    ddp = wrap_ddp([fused], cfg, args.parallel)[0]
+    tokens = torch.randint(0, args.arch.vocab_size, (2, 32))
+    labels = torch.randint(0, args.arch.vocab_size, (2, 32))
     pos = torch.arange(32).expand(2, -1)
     mask = (torch.rand(2, 32) > 0.2).float()
 
@@ -182,21 +177,20 @@ def test_model_on_emulated_kernels_matches_reference_path(megatron_single_proces
     """The whole model (fused RoPE+query scale in every layer, fused main + MTP loss) run through the
     real csrc/kernels source on the CPU emulator gives the reference path's loss and gradients."""
     from kernel_emulator import EmulatedKernels
-    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.config import load_run_config
     from tri_megatron.model.builder import build_model_chunks
-    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.model.config import transformer_config
     from tri_megatron.ops import fused_cross_entropy, rope_ssmax
 
-    args = parse_args(["--mock-data", "--seq-length", "32", "--mtp-num-layers", "1", "--fused-mtp-loss",
-                       *features])
-    validate_args(args, 1)
-    model = build_model_chunks(transformer_config_from_args(args, False), args, False)[0]
+    args = load_run_config(["--mock-data", "--seq-length", "32", "--mtp-num-layers", "1", "--fused-mtp-loss",
+                       *features], world_size=1, rank=0)
+    model = build_model_chunks(transformer_config(args, False), args, False)[0]
     cores = [m for m in model.modules() if hasattr(m, "fuse_rope")]
     assert any(c.fuse_rope for c in cores)
     for c in cores:  # plain-RoPE layers too, as on a GPU with the kernels built and no TE
         c.fuse_rope = True
-    tokens = torch.randint(0, args.vocab_size, (2, 32))
-    labels = torch.randint(0, args.vocab_size, (2, 32))
+    tokens = torch.randint(0, args.arch.vocab_size, (2, 32))
+    labels = torch.randint(0, args.arch.vocab_size, (2, 32))
     pos = torch.arange(32).expand(2, -1)
 
     def run(kern):

@@ -370,10 +370,10 @@ def test_sigint_is_a_default_exit_signal_and_a_second_one_aborts():
     import signal
     import time
 
-    from tri_megatron.arguments import parse_args
+    from tri_megatron.config import build_parser
     from tri_megatron.training.fault import ExitSignalHandler, parse_signals
 
-    assert signal.SIGINT in parse_signals(parse_args(TINY).exit_signals)
+    assert signal.SIGINT in parse_signals(build_parser().parse_args(TINY).exit_signals)
     h = ExitSignalHandler([signal.SIGINT]).install()
     try:
         os.kill(os.getpid(), signal.SIGINT)

@@ -152,7 +152,7 @@ def _without(words: list, flags: tuple) -> list:
                                                 ("tri-70b.sbatch", 64, {}),
                                                 ("tri-70b.sbatch", 250, {"GLOBAL_BATCH_SIZE": "1000"})])
 def test_sbatch_scripts_launch_valid_layouts(script, nodes, extra):
-    from tri_megatron.arguments import parse_args, validate_args
+    from tri_megatron.config import load_run_config
     from tri_megatron.model.specs import transformer_engine_available
 
     words = _dry_run(script, nodes, **extra)
@@ -163,10 +163,10 @@ def test_sbatch_scripts_launch_valid_layouts(script, nodes, extra):
     check = _without(train_args, ("--data-path", "--tokenizer", "--data-cache-path", "--split")) + ["--mock-data"]
     if not transformer_engine_available():
         check.remove("--sequence-parallel")  # needs TE's norms; validated on GPU machines only
-    args = parse_args(check)
-    validate_args(args, 8 * nodes)
-    dp = 8 * nodes // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size)
-    assert args.data_parallel_size == dp and args.tensor_model_parallel_size <= 8  # TP stays inside a node
+    cfg = load_run_config(check, world_size=8 * nodes, rank=0, check_disk=False)
+    par = cfg.parallel
+    dp = 8 * nodes // (par.tp * par.pp * par.cp)
+    assert par.dp == dp and par.tp <= 8  # TP stays inside a node
 
     words = _dry_run(script, nodes, LAUNCHER="torchrun", **extra)
     assert words[:4] == ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1"]

@@ -1,6 +1,6 @@
 """Intermediate Hugging Face exports during training (``--export-hf-interval N --export-hf-dir DIR``).
 
-``add_export_args(parser)`` adds the flags; ``make_on_save(args, rank)`` returns the callable the
+``ExportConfig`` holds the flags; ``make_on_save(cfg, rank)`` returns the callable the
 training loop calls after each checkpoint save, ``on_save(iteration, checkpoint_path)``. On rank 0,
 every N iterations, it starts ``tools/convert_checkpoint.py --to-hf CHECKPOINT DIR/iter_NNNNNNN`` in
 a background process (lower CPU priority, output in DIR/iter_NNNNNNN.log) and returns at once: training
@@ -9,11 +9,12 @@ place when complete, so DIR only ever holds complete snapshots. ``exporter.wait(
 ones still running (e.g. before the job exits); ``exporter.poll()`` reports finished ones.
 
 Only saved iterations can be exported, so N should be a multiple of --save-interval
-(``validate_export_args`` says so). The checkpoint must stay on disk until its export finishes.
+(``ExportConfig.validate`` says so). The checkpoint must stay on disk until its export finishes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -24,28 +25,39 @@ CONVERT_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os
                               "tools", "convert_checkpoint.py")
 
 
-def add_export_args(parser) -> None:
-    g = parser.add_argument_group("Hugging Face exports")
-    g.add_argument("--export-hf-interval", type=int, default=0,
-                   help="write a Hugging Face snapshot of every N-th iteration's checkpoint, in the background (0 = off)")
-    g.add_argument("--export-hf-dir", default=None, help="where the snapshots go: DIR/iter_NNNNNNN")
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """--export-hf-interval N --export-hf-dir DIR (the export part of the run configuration)."""
 
+    export_hf_interval: int = 0
+    export_hf_dir: Optional[str] = None
 
-def validate_export_args(args) -> None:
-    """Raise ValueError (one line, the flag and the fix) for inconsistent export flags."""
-    n = getattr(args, "export_hf_interval", 0) or 0
-    if n < 0:
-        raise ValueError(f"--export-hf-interval {n}: must be >= 0")
-    if not n:
-        return
-    if not getattr(args, "export_hf_dir", None):
-        raise ValueError("--export-hf-interval needs --export-hf-dir DIR")
-    save_interval = getattr(args, "save_interval", 0) or 0
-    if not getattr(args, "save", None) or not save_interval:
-        raise ValueError("--export-hf-interval exports saved checkpoints: add --save DIR --save-interval M")
-    if n % save_interval:
-        raise ValueError(f"--export-hf-interval {n} is not a multiple of --save-interval {save_interval}; "
-                         f"only saved iterations can be exported")
+    @staticmethod
+    def add_flags(parser) -> None:
+        g = parser.add_argument_group("Hugging Face exports")
+        g.add_argument("--export-hf-interval", type=int, default=0,
+                       help="write a Hugging Face snapshot of every N-th iteration's checkpoint, in the background "
+                            "(0 = off)")
+        g.add_argument("--export-hf-dir", default=None, help="where the snapshots go: DIR/iter_NNNNNNN")
+
+    @classmethod
+    def from_args(cls, ns) -> "ExportConfig":
+        return cls(export_hf_interval=ns.export_hf_interval or 0, export_hf_dir=ns.export_hf_dir)
+
+    def validate(self, save: Optional[str], save_interval: int) -> None:
+        """Raise ValueError (one line, the flag and the fix) for inconsistent export flags."""
+        n = self.export_hf_interval
+        if n < 0:
+            raise ValueError(f"--export-hf-interval {n}: must be >= 0")
+        if not n:
+            return
+        if not self.export_hf_dir:
+            raise ValueError("--export-hf-interval needs --export-hf-dir DIR")
+        if not save or not save_interval:
+            raise ValueError("--export-hf-interval exports saved checkpoints: add --save DIR --save-interval M")
+        if n % save_interval:
+            raise ValueError(f"--export-hf-interval {n} is not a multiple of --save-interval {save_interval}; "
+                             f"only saved iterations can be exported")
 
 
 class HFExporter:
@@ -59,7 +71,9 @@ class HFExporter:
         self.finished: List[tuple] = []  # (iteration, return code, log path)
 
     def command(self, iteration: int, checkpoint_path: str) -> list:
-        out = os.path.join(self.out_dir, f"iter_{iteration:07d}")
+        from tri_megatron.training.checkpointing import iter_dir
+
+        out = iter_dir(self.out_dir, iteration)
         cmd = [sys.executable, CONVERT_SCRIPT, "--to-hf", checkpoint_path, out, "--overwrite"]
         if shutil.which("nice"):  # below the training processes' priority
             cmd = ["nice", "-n", "10"] + cmd
@@ -72,10 +86,12 @@ class HFExporter:
         self.poll()
         if self.rank != 0 or not self.interval or not self.out_dir or iteration % self.interval:
             return None
+        from tri_megatron.training.checkpointing import iter_dir
+
         if checkpoint_path is None:
-            checkpoint_path = os.path.join(self.save_dir, f"iter_{iteration:07d}")
+            checkpoint_path = iter_dir(self.save_dir, iteration)
         os.makedirs(self.out_dir, exist_ok=True)
-        log_path = os.path.join(self.out_dir, f"iter_{iteration:07d}.log")
+        log_path = iter_dir(self.out_dir, iteration) + ".log"
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
         from tri_megatron.convert.from_hf import LAUNCH_VARS
@@ -87,7 +103,7 @@ class HFExporter:
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self.running.append((iteration, proc, log_path))
         print(f"export-hf: converting iteration {iteration} in the background (pid {proc.pid}) -> "
-              f"{os.path.join(self.out_dir, f'iter_{iteration:07d}')}", flush=True)
+              f"{iter_dir(self.out_dir, iteration)}", flush=True)
         return proc
 
     def poll(self) -> List[tuple]:
@@ -109,7 +125,8 @@ class HFExporter:
         return [rc for _, rc, _ in sorted(self.finished)]
 
 
-def make_on_save(args, rank: int) -> HFExporter:
-    """The callable for Trainer.train(on_save=...): on_save(iteration, checkpoint_path=None)."""
-    return HFExporter(getattr(args, "export_hf_interval", 0) or 0, getattr(args, "export_hf_dir", None), rank,
-                      save_dir=getattr(args, "save", None), tokenizer=getattr(args, "tokenizer", None))
+def make_on_save(cfg, rank: int) -> HFExporter:
+    """The callable for Trainer.train(on_save=...) of a run configured by ``cfg`` (RunConfig):
+    on_save(iteration, checkpoint_path=None)."""
+    return HFExporter(cfg.export.export_hf_interval, cfg.export.export_hf_dir, rank,
+                      save_dir=cfg.checkpoint.save, tokenizer=cfg.data.tokenizer)

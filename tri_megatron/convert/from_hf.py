@@ -72,9 +72,8 @@ def pretrain_flags(m: dict) -> str:
 def from_hf(hf_dir: str, out_dir: str, target_tp: int = 1, target_pp: int = 1, target_vpp: Optional[int] = None,
             dtype: Optional[str] = None, overwrite: bool = False, verify: bool = False, verify_tol: float = 1e-4,
             verify_seq_len: Optional[int] = None, log=print) -> dict:
-    from tri_megatron.arguments import ArgumentError
-    from tri_megatron.convert.megatron_runtime import args_from_meta
-    from tri_megatron.model.config import padded_vocab_size
+    from tri_megatron.config.errors import ArgumentError
+    from tri_megatron.convert.megatron_runtime import run_config_for
 
     return_freed_memory()  # streamed tensors' memory goes back to the OS when each is released
     hf = HFCheckpoint(hf_dir)
@@ -91,19 +90,17 @@ def from_hf(hf_dir: str, out_dir: str, target_tp: int = 1, target_pp: int = 1, t
     if bf16 is None:
         raise CheckpointError(f"dtype {torch_dtype}: the megatron checkpoint is written in fp32 or bf16; pass --dtype")
     try:
-        padded_vocab_size(m["vocab_size"], target_tp)
-        args_from_meta(m, target_tp, target_pp, target_vpp, bf16=bf16)
+        cfg = run_config_for(m, target_tp, target_pp, target_vpp, bf16=bf16)
     except (ArgumentError, ValueError) as e:
         raise CheckpointError(f"target layout TP={target_tp} PP={target_pp} VPP={target_vpp or 1}: {e}") from None
     tmp = staging_dir(out_dir, overwrite)
     try:
-        args = args_from_meta(m, target_tp, target_pp, target_vpp, bf16=bf16)
         dims = ModelDims(m)
 
         def get(name):  # a tied source has no lm_head: the output layer starts as the embedding
             return hf.get("model.embed_tokens.weight" if name == "lm_head.weight" and tied else name)
 
-        write_checkpoint(tmp, args, lambda name: hf_to_canonical(name, get, dims))
+        write_checkpoint(tmp, cfg, lambda name: hf_to_canonical(name, get, dims))
         for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if os.path.isfile(os.path.join(hf_dir, fname)):
                 shutil.copyfile(os.path.join(hf_dir, fname), os.path.join(tmp, fname))

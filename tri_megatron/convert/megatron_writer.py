@@ -29,24 +29,24 @@ import torch
 IMPORT_RUNTIME = {"device": "host", "backend": "import", "virtual": False}  # no RNG states to restore
 
 
-def meta_sharded_state(args) -> Tuple[list, list]:
+def meta_sharded_state(cfg) -> Tuple[list, list]:
     """(ShardedTensors, ShardedObjects) megatron-core stores for this model (main replicas only),
     from the model built on the meta device at TP=PP=1 in this process."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
-    from tri_megatron.convert.megatron_runtime import ensure_single_process
+    from tri_megatron.local_dist import init_single_process
     from tri_megatron.model.builder import build_gpt_model
-    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.model.config import transformer_config
     from tri_megatron.training.checkpointing import _model_sharded_state_dict
 
-    ensure_single_process()
-    config = transformer_config_from_args(args, False)
+    init_single_process()
+    config = transformer_config(cfg, False)
     config.perform_initialization = False
     config.use_cpu_initialization = True  # no explicit device: the meta context below decides
     with torch.device("meta"):
-        model = build_gpt_model(config, args, False, True, True)
-        if args.bf16:
+        model = build_gpt_model(config, cfg, False, True, True)
+        if cfg.training.bf16:
             model = model.bfloat16()  # what megatron's Float16Module does to the weights
     chunks = [model]
     not_meta = [n for c in chunks for n, p in c.named_parameters() if p.device.type != "meta"]
@@ -160,18 +160,18 @@ def _planner(tensors: list, objects: list, source: ChunkSource):
     return ChunkPlanner()
 
 
-def write_checkpoint(root: str, args, get_canonical: Callable[[str], torch.Tensor]) -> dict:
-    """Write ``root/iter_0000000`` (weights only) for the model ``args`` describe, chunk by chunk;
-    ``args`` carries the layout recorded in tri_meta.json (the stored chunks do not depend on it)."""
+def write_checkpoint(root: str, cfg, get_canonical: Callable[[str], torch.Tensor]) -> dict:
+    """Write ``root/iter_0000000`` (weights only) for the model of the run ``cfg`` (RunConfig), chunk by
+    chunk; ``cfg.parallel`` is the layout recorded in tri_meta.json (the stored chunks do not depend on it)."""
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
-    from tri_megatron.convert.megatron_runtime import args_from_meta
+    from tri_megatron.convert.megatron_runtime import run_config_for
     from tri_megatron.mcore_internals import common_state_in_common_pt
     from tri_megatron.training.checkpointing import META, TRACKER, checkpoint_meta, iter_dir
 
-    build_args = args_from_meta(_model_fields(args), 1, 1, None, bf16=args.bf16, world=1)
-    tensors, objects = meta_sharded_state(build_args)
+    single = run_config_for(checkpoint_meta(cfg, 0, 0, IMPORT_RUNTIME, False)["model"], bf16=cfg.training.bf16)
+    tensors, objects = meta_sharded_state(single)
     common = {"scheduler": None, "iteration": 0, "consumed_samples": 0}  # what save_checkpoint stores
     # megatron-core < 0.19 keeps the common state in common.pt; 0.19 in the checkpoint, as one object
     legacy_common = common_state_in_common_pt()
@@ -190,15 +190,8 @@ def write_checkpoint(root: str, args, get_canonical: Callable[[str], torch.Tenso
     if legacy_common:
         torch.save(common, os.path.join(path, "common.pt"))
     with open(os.path.join(path, META), "w") as f:
-        json.dump(checkpoint_meta(args, 0, 0, IMPORT_RUNTIME, has_optimizer=False), f, indent=1)
+        json.dump(checkpoint_meta(cfg, 0, 0, IMPORT_RUNTIME, has_optimizer=False), f, indent=1)
     with open(os.path.join(root, TRACKER), "w") as f:
         f.write("0")
     return {"chunks": len(tensors), "objects": len(objects), "peak_tensor_bytes": source.peak_tensor_bytes}
 
-
-def _model_fields(args) -> dict:
-    from tri_megatron.convert.megatron_runtime import ARCH_FIELDS
-
-    m = {f: getattr(args, f, None) for f in ARCH_FIELDS}
-    m.update(seq_length=args.seq_length, model=args.model)
-    return m

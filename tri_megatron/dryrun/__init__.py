@@ -12,7 +12,7 @@ With the exact training flags and the job's GPU count, in one process and withou
 3. reports per stage: parameters, weight / gradient-buffer / optimizer-state bytes, activations of one
    micro-batch and of the micro-batches 1F1B keeps in flight (megatron's warm-up count), and the
    total against the GPU (80 GB H100, 141 GB H200, or ``--gpu-memory``), with the same overhead and
-   allocator margin as ``tools/plan_layout.py`` (``perf_model.Assumptions``).
+   allocator margin as ``tools/plan_layout.py`` (``layout_model.Assumptions``).
 
 Exit code 0: every stage fits; 1: a stage does not fit; 2: bad input (one line naming the flag).
 """
@@ -69,16 +69,26 @@ def _transformer_engine_on_target():
 
 
 def validate(argv: list, world: int):
-    """The pretrain_tri.py namespace for argv at world size ``world``; ArgumentError on bad input."""
-    from tri_megatron.arguments import parse_args, validate_args
-    from tri_megatron.launch_checks import check_vocab_and_load
+    """The RunConfig of argv at world size ``world``, checked as pretrain_tri.py checks it; ArgumentError
+    on bad input. Its layers are the local ones: what this host builds (same parameters as the TE spec)."""
+    from tri_megatron.config import load_run_config
+    from tri_megatron.launch_checks import check_load_fits
 
-    args = parse_args(argv)
     with _transformer_engine_on_target():
-        validate_args(args, world)
-    check_vocab_and_load(args)
-    args.transformer_impl = "local"  # what this host builds (same parameters as the TE spec)
-    return args
+        cfg = load_run_config(argv, world_size=world, rank=0)
+    check_load_fits(cfg)
+    return cfg.replace(training=dataclasses.replace(cfg.training, transformer_impl="local"))
+
+
+def layout_of(cfg):
+    """plan_layout's Layout (perf.layout_model) of a run configuration."""
+    from tri_megatron.perf import layout_model
+
+    par, tr = cfg.parallel, cfg.training
+    rc = tr.recompute_granularity
+    return layout_model.Layout(tp=par.tp, pp=par.pp, vpp=par.model_chunks, cp=par.cp, dp=par.dp,
+                               mbs=tr.micro_batch_size, recompute=rc if rc in ("full", "selective") else None,
+                               sequence_parallel=par.sequence_parallel, distributed_optimizer=par.distributed_optimizer)
 
 
 def roles(pp: int) -> List[List[int]]:
@@ -90,33 +100,28 @@ def roles(pp: int) -> List[List[int]]:
     return [[0], list(range(1, pp - 1)), [pp - 1]]
 
 
-def run(args, world: int, memory_gib: float) -> List[StageReport]:
+def run(cfg, world: int, memory_gib: float) -> List[StageReport]:
     from tri_megatron.dryrun.stage import measure_stage
-    from tri_megatron.training import perf_model
-    from tri_megatron.training.flops import ModelShape
+    from tri_megatron.config.arch import ModelArch
+    from tri_megatron.perf import layout_model
 
-    a = perf_model.Assumptions()
-    pp, vpp = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size or 1
-    rc = args.recompute_granularity
-    layout = perf_model.Layout(tp=args.tensor_model_parallel_size, pp=pp, vpp=vpp, cp=args.context_parallel_size,
-                               dp=args.data_parallel_size, mbs=args.micro_batch_size,
-                               recompute=rc if rc in ("full", "selective") else None,
-                               sequence_parallel=bool(args.sequence_parallel),
-                               distributed_optimizer=bool(args.use_distributed_optimizer))
-    shape = ModelShape.from_args(args)
-    m = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
-    fused_loss = args.fused_mtp_loss is not False  # on by default on GPUs with the Tri kernels built
+    a = layout_model.Assumptions()
+    pp, seq = cfg.parallel.pp, cfg.training.seq_length
+    layout = layout_of(cfg)
+    arch = cfg.arch
+    m = cfg.num_microbatches
+    fused_loss = cfg.training.fused_loss is not False  # on by default on GPUs with the Tri kernels built
     reports = []
     for ranks in roles(pp):
-        st = measure_stage(args, world, ranks[0])
-        inflight = max(perf_model.inflight_microbatches(layout, r, m) for r in ranks)
+        st = measure_stage(cfg, world, ranks[0])
+        inflight = max(layout_model.inflight_microbatches(layout, r, m) for r in ranks)
         layers = st.activation_bytes - st.head_bytes
         head = st.head_bytes
         if fused_loss and head:  # the fused loss cannot run on meta tensors: its workspace as plan_layout projects it
-            head = perf_model.activation_bytes(shape, layout, ranks[-1])["head"]
+            head = layout_model.activation_bytes(arch, seq, layout, ranks[-1])["head"]
         # every micro-batch in flight holds its layers' activations; the head (output layer, loss) is live for
         # one micro-batch at a time, and so is the layer full recomputation rebuilds in backward (projected)
-        transient = perf_model.activation_bytes(shape, layout, ranks[0])["transient"]
+        transient = layout_model.activation_bytes(arch, seq, layout, ranks[0])["transient"]
         tensors = st.weight_bytes + st.grad_bytes + st.optimizer_bytes + inflight * layers + head + transient
         total = tensors * (1 + a.fragmentation) + a.memory_overhead_gib * GIB
         reports.append(StageReport(ranks, st.chunks, st.params, st.weight_bytes, st.grad_bytes, st.optimizer_bytes,
@@ -125,17 +130,15 @@ def run(args, world: int, memory_gib: float) -> List[StageReport]:
     return reports
 
 
-def format_report(args, world: int, gpu: str, memory_gib: float, reports: List[StageReport]) -> str:
-    from tri_megatron.training import perf_model
+def format_report(cfg, world: int, gpu: str, memory_gib: float, reports: List[StageReport]) -> str:
+    from tri_megatron.perf import layout_model
 
-    a = perf_model.Assumptions()
-    lines = [f"dry run: {args.model} on {world} x {gpu} ({memory_gib:.1f} GiB) | TP={args.tensor_model_parallel_size} "
-             f"PP={args.pipeline_model_parallel_size} VPP={args.virtual_pipeline_model_parallel_size or 1} "
-             f"CP={args.context_parallel_size} DP={args.data_parallel_size} SP={bool(args.sequence_parallel)} | "
-             f"seq {args.seq_length} x micro-batch {args.micro_batch_size}, "
-             f"{args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)} micro-batches | "
-             f"recompute {args.recompute_granularity or 'none'} | distributed optimizer "
-             f"{'on' if args.use_distributed_optimizer else 'off'} | {'bf16' if args.bf16 else 'fp32'}",
+    a = layout_model.Assumptions()
+    par, tr = cfg.parallel, cfg.training
+    lines = [f"dry run: {cfg.arch.name} on {world} x {gpu} ({memory_gib:.1f} GiB) | {par.describe()} "
+             f"SP={par.sequence_parallel} | seq {tr.seq_length} x micro-batch {tr.micro_batch_size}, "
+             f"{cfg.num_microbatches} micro-batches | recompute {tr.recompute_granularity or 'none'} | distributed "
+             f"optimizer {'on' if par.distributed_optimizer else 'off'} | {'bf16' if tr.bf16 else 'fp32'}",
              "flags, layout, data and --load validated (Transformer Engine assumed on the GPU nodes)",
              "| PP ranks | chunks | params/GPU | weights | grad buffer | optimizer | activations/micro-batch | "
              "in flight | total | fits |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -151,35 +154,36 @@ def format_report(args, world: int, gpu: str, memory_gib: float, reports: List[S
                  f"(total = (weights + grads + optimizer + in-flight activations) x {1 + a.fragmentation:g} + "
                  f"{a.memory_overhead_gib:g} GiB overhead); activations measured on meta tensors (flash-attention, "
                  f"fused-SwiGLU and TE-norm saves); the loss: " + ("the fused loss's workspace as plan_layout projects it "
-                 f"(megatron's unfused loss, measured, in the table)" if args.fused_mtp_loss is not False else
+                 f"(megatron's unfused loss, measured, in the table)" if tr.fused_loss is not False else
                  "megatron's unfused cross entropy, measured"))
     return "\n".join(lines)
 
 
 def main(argv: Optional[list] = None) -> int:
-    from tri_megatron.arguments import ArgumentError, world_size_from_env
-    from tri_megatron.training import perf_model
+    from tri_megatron.config.errors import ArgumentError
+    from tri_megatron.training.distributed import launch_env
+    from tri_megatron.perf.devices import GPU_SPECS
 
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = dry_run_parser().parse_known_args(argv)
     try:
-        world = own.world_size or world_size_from_env()
+        world = own.world_size or launch_env()["world_size"]
         if world is None or world < 1 or (own.world_size is None and world == 1):
             raise ArgumentError("--dry-run needs the job's GPU count: pass --world-size N (e.g. 512)")
         if own.gpu_memory is not None and own.gpu_memory <= 0:
             raise ArgumentError(f"--gpu-memory {own.gpu_memory}: must be a positive number of GiB")
-        args = validate(rest, world)
+        cfg = validate(rest, world)
     except ArgumentError as e:
         print(f"pretrain_tri.py: error: {e}", file=sys.stderr)
         return 2
-    spec = perf_model.GPU_SPECS[own.gpu_type]
+    spec = GPU_SPECS[own.gpu_type]
     memory = own.gpu_memory or spec.memory_gib
-    reports = run(args, world, memory)
-    print(format_report(args, world, spec.name if own.gpu_memory is None else "GPU", memory, reports), flush=True)
+    reports = run(cfg, world, memory)
+    print(format_report(cfg, world, spec.name if own.gpu_memory is None else "GPU", memory, reports), flush=True)
     from tri_megatron.dryrun.compare import compare, format_comparison
 
-    rows = compare(args, reports)
-    print("against plan_layout's projection (training/perf_model.py) for this layout:\n" + format_comparison(rows))
+    rows = compare(cfg, reports)
+    print("against plan_layout's projection (perf/layout_model.py) for this layout:\n" + format_comparison(rows))
     if own.dry_run_json:
         with open(own.dry_run_json, "w") as f:
             json.dump({"world_size": world, "memory_gib": memory, "stages": [dataclasses.asdict(r) for r in reports],

@@ -1,6 +1,6 @@
-"""The dry run against ``tools/plan_layout.py``'s analytic memory model (``training.perf_model``).
+"""The dry run against ``tools/plan_layout.py``'s analytic memory model (``perf.layout_model``).
 
-For each pipeline role of a dry run, the same figures from ``perf_model`` for the same layout:
+For each pipeline role of a dry run, the same figures from ``layout_model`` for the same layout:
 parameters per GPU, weight / gradient / optimizer bytes (the dry run's come from megatron's padded
 DDP buffers, so they may exceed the projection by the padding only), and the activations of one
 micro-batch through the stage's decoder layers (the dry run's measurement minus what is saved from
@@ -13,24 +13,17 @@ from __future__ import annotations
 from typing import List
 
 
-def compare(args, reports) -> List[dict]:
-    from tri_megatron.training import perf_model
-    from tri_megatron.training.flops import ModelShape
+def compare(cfg, reports) -> List[dict]:
+    from tri_megatron.dryrun import layout_of
+    from tri_megatron.perf import layout_model
 
-    shape = ModelShape.from_args(args)
-    rc = args.recompute_granularity
-    layout = perf_model.Layout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                               vpp=args.virtual_pipeline_model_parallel_size or 1, cp=args.context_parallel_size,
-                               dp=args.data_parallel_size, mbs=args.micro_batch_size,
-                               recompute=rc if rc in ("full", "selective") else None,
-                               sequence_parallel=bool(args.sequence_parallel),
-                               distributed_optimizer=bool(args.use_distributed_optimizer))
+    arch, layout = cfg.arch, layout_of(cfg)
     rows = []
     for r in reports:
         rank = r.pp_ranks[0]
-        params = perf_model.rank_params(shape, layout, rank)
+        params = layout_model.rank_params(arch, layout, rank)
         opt_div = layout.dp * layout.cp if layout.distributed_optimizer else 1
-        act = perf_model.activation_bytes(shape, layout, rank)
+        act = layout_model.activation_bytes(arch, cfg.training.seq_length, layout, rank)
         rows.append({
             "pp_ranks": r.pp_ranks,
             "params": (r.params, params),

@@ -110,12 +110,12 @@ def _dry_run_layers():
         SDPACoreAttention._attend = orig_attend
 
 
-def _build_chunks(config, args) -> list:
+def _build_chunks(config, cfg) -> list:
     """The training builder's chunks, left where megatron creates them (the meta device here)."""
     from tri_megatron.model.builder import build_model_chunks
     from tri_megatron.runtime import Runtime
 
-    return build_model_chunks(config, args, False, rt=Runtime("cpu", "gloo", reason="dry run: meta device"))
+    return build_model_chunks(config, cfg, False, rt=Runtime("cpu", "gloo", reason="dry run: meta device"))
 
 
 def _describe(chunk) -> str:
@@ -149,10 +149,11 @@ def _optimizer_bytes(optimizer) -> int:
     return total
 
 
-def _activation_bytes(chunks, args) -> tuple:
+def _activation_bytes(chunks, cfg) -> tuple:
     """(stored-for-backward bytes of one micro-batch through the chunks, of which from the output layer
     on); the backward runs too, so a stage whose backward cannot run fails here."""
-    s, b, h = args.seq_length // args.context_parallel_size, args.micro_batch_size, args.hidden_size
+    par, tr = cfg.parallel, cfg.training
+    s, b, h = tr.seq_length // par.cp, tr.micro_batch_size, cfg.arch.hidden_size
     keep_out = set()
     for c in chunks:
         keep_out |= {p.untyped_storage()._cdata for p in c.parameters()}
@@ -173,8 +174,8 @@ def _activation_bytes(chunks, args) -> tuple:
         tokens = torch.zeros(b, s, dtype=torch.long)
         pos = torch.arange(s).unsqueeze(0).expand(b, s)
         if not inner.pre_process:
-            s_local = s // args.tensor_model_parallel_size if args.sequence_parallel else s
-            inner.set_input_tensor(torch.empty(s_local, b, h, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+            s_local = s // par.tp if par.sequence_parallel else s
+            inner.set_input_tensor(torch.empty(s_local, b, h, dtype=torch.bfloat16 if tr.bf16 else torch.float32,
                                                requires_grad=True))
         saved.clear()
         head.clear()
@@ -193,28 +194,29 @@ def _activation_bytes(chunks, args) -> tuple:
     return total, head_total
 
 
-def measure_stage(args, world: int, pp_rank: int) -> StageMemory:
+def measure_stage(cfg, world: int, pp_rank: int) -> StageMemory:
     from megatron.core import parallel_state as ps
 
     from tri_megatron.dryrun.fake_world import MetaAllocations, fake_rank
-    from tri_megatron.model.config import transformer_config_from_args
+    from tri_megatron.model.config import transformer_config
     from tri_megatron.ops._kernels import agree_on_kernels
     from tri_megatron.training.optimizer import build_optimizer, wrap_ddp
 
-    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-    rank = pp_rank * tp * cp * args.data_parallel_size  # megatron's order: TP fastest, then CP, DP, PP
-    with fake_rank(rank, world, tp, pp, args.virtual_pipeline_model_parallel_size, cp), _dry_run_layers():
+    par = cfg.parallel
+    tp, pp, cp = par.tp, par.pp, par.cp
+    rank = pp_rank * tp * cp * par.dp  # megatron's order: TP fastest, then CP, DP, PP
+    with fake_rank(rank, world, tp, pp, par.vpp, cp), _dry_run_layers():
         if ps.get_pipeline_model_parallel_rank() != pp_rank or ps.get_tensor_model_parallel_rank() != 0:
             raise RuntimeError(f"rank {rank} is not pipeline stage {pp_rank} at TP rank 0")
-        config = transformer_config_from_args(args, False)
+        config = transformer_config(cfg, False)
         config.perform_initialization = False
         config.use_cpu_initialization = True
         config.bias_activation_fusion = True  # the GPU run's fused SwiGLU (saves fc1's output only)
         agree_on_kernels()  # its one collective, before the meta mode (it reads the result)
         with MetaAllocations():
-            chunks = _build_chunks(config, args)
+            chunks = _build_chunks(config, cfg)
             params = sum(p.numel() for c in chunks for p in c.parameters())
-            model = wrap_ddp(chunks, config, args)
+            model = wrap_ddp(chunks, config, par)
             weight_bytes = grad_bytes = 0
             for m in model:
                 for buf in list(m.buffers) + list(getattr(m, "expert_parallel_buffers", [])):
@@ -222,12 +224,12 @@ def measure_stage(args, world: int, pp_rank: int) -> StageMemory:
                     grad_bytes += _tensor_bytes(buf.grad_data)
                     if buf.param_data is None:  # parameters not in a contiguous buffer
                         weight_bytes += sum(_tensor_bytes(p) for p in buf.params)
-            optimizer = build_optimizer(model, config, args)
+            optimizer = build_optimizer(model, config, cfg.optim, par)
             opt_bytes = _optimizer_bytes(optimizer)
             # activations on a second, unwrapped build: DDP's hooks would start collectives on meta buffers
-            act_chunks = _build_chunks(config, args)
+            act_chunks = _build_chunks(config, cfg)
             for c in act_chunks:
                 c.train()
-            activations, head = _activation_bytes(act_chunks, args)
+            activations, head = _activation_bytes(act_chunks, cfg)
         return StageMemory(pp_rank, [_describe(c) for c in chunks], params, weight_bytes, grad_bytes, opt_bytes,
                            activations, head, "measured: meta forward+backward of the real chunks")

@@ -12,45 +12,46 @@ from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import Float16Module
 
-from tri_megatron.model.config import padded_vocab_size
 from tri_megatron.model.fused_loss import FusedLossGPTModel
 from tri_megatron.model.specs import tri_layer_spec, tri_mtp_block_spec
 from tri_megatron.ops._kernels import agree_on_kernels
 
 
-def use_fused_loss(args, rt=None) -> bool:
-    """--fused-mtp-loss: on by default where the CUDA kernel is built, off otherwise (the PyTorch
-    reference of the fused op can still be asked for explicitly, e.g. on CPU)."""
-    if args.fused_mtp_loss is not None:
-        return bool(args.fused_mtp_loss)
+def use_fused_loss(fused_loss, rt=None) -> bool:
+    """--fused-loss (``TrainingConfig.fused_loss``): on by default where the CUDA kernel is built, off
+    otherwise (the PyTorch reference of the fused op can still be asked for explicitly, e.g. on CPU)."""
+    if fused_loss is not None:
+        return bool(fused_loss)
     from tri_megatron import runtime
     from tri_megatron.ops import kernels_available
 
     return (rt or runtime.current()).cuda_kernels and kernels_available()
 
 
-def build_gpt_model(config, args, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None) -> GPTModel:
+def build_gpt_model(config, cfg, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None) -> GPTModel:
+    """One GPTModel chunk of the run ``cfg`` (RunConfig) with megatron-core config ``config``."""
     agree_on_kernels()  # one kernel decision for all ranks before any layer asks (a collective, first call only)
     layer_spec = tri_layer_spec(config, use_te)
     mtp_spec = tri_mtp_block_spec(config, layer_spec, use_te, vp_stage=vp_stage) if post_process else None
-    model_cls = FusedLossGPTModel if use_fused_loss(args) else GPTModel
+    model_cls = FusedLossGPTModel if use_fused_loss(cfg.training.fused_loss) else GPTModel
+    arch = cfg.arch
     return model_cls(
         config=config,
         transformer_layer_spec=layer_spec,
-        vocab_size=padded_vocab_size(args.vocab_size, args.tensor_model_parallel_size),
-        max_sequence_length=args.max_position_embeddings,
+        vocab_size=arch.padded_vocab_size(cfg.parallel.tp),
+        max_sequence_length=arch.context_length,
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        share_embeddings_and_output_weights=not arch.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
-        rotary_base=int(args.rotary_base),
+        rotary_base=int(arch.rotary_base),
         mtp_block_spec=mtp_spec,
         vp_stage=vp_stage,
     )
 
 
-def build_model_chunks(config, args, use_te: bool, rt=None) -> list:
+def build_model_chunks(config, cfg, use_te: bool, rt=None) -> list:
     """This rank's model chunks on the runtime's device (parallel_state must be initialised).
 
     On an accelerator megatron creates the weights there (config.use_cpu_initialization is False);
@@ -59,17 +60,17 @@ def build_model_chunks(config, args, use_te: bool, rt=None) -> list:
     from tri_megatron import runtime
 
     rt = rt or runtime.current()
-    vpp = args.virtual_pipeline_model_parallel_size or 1
+    vpp = cfg.parallel.model_chunks
     chunks = []
     for vp_stage in range(vpp):
         stage = vp_stage if vpp > 1 else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        model = build_gpt_model(config, args, use_te, pre, post, vp_stage=stage)
+        model = build_gpt_model(config, cfg, use_te, pre, post, vp_stage=stage)
         model.model_type = ModelType.encoder_or_decoder
         if rt.on_accelerator:
             model.to(rt.device)
-        if args.bf16:  # bf16 weights and activations, fp32 logits/loss, as Megatron-LM does
+        if cfg.training.bf16:  # bf16 weights and activations, fp32 logits/loss, as Megatron-LM does
             model = Float16Module(config, model)
         chunks.append(model)
     return chunks

@@ -31,15 +31,11 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from tri_megatron import runtime
+from tri_megatron import runtime, test_hooks
 from tri_megatron.mcore_internals import model_sharded_state_dicts, prime_optimizer_state, torch_adam_step_passthrough
-from tri_megatron.training import fault
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "tri_meta.json"
-# Architecture fields that must match for a checkpoint to load into a model.
-SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                "kv_channels", "vocab_size", "mtp_num_layers", "ssmax", "untie_embeddings_and_output_weights")
 
 
 def iter_dir(root: str, iteration: int) -> str:
@@ -73,17 +69,17 @@ def read_meta(path: str) -> dict:
         return json.load(f)
 
 
-def check_compatible(path: str, args) -> None:
-    """Raise ValueError naming the first architecture field in which the checkpoint differs."""
-    saved = read_meta(path)["model"]
-    for field in SHAPE_FIELDS:
-        ours = getattr(args, field, None)
-        if field in saved and saved[field] != ours:
-            flag = "--" + field.replace("_", "-")
-            raise ValueError(
-                f"--load {path}: checkpoint has {field}={saved[field]} but this run has {flag} {ours}; "
-                f"use the checkpoint's model settings or another --load"
-            )
+def check_compatible(path: str, arch) -> None:
+    """Raise ValueError naming the first weight field (``ModelArch.WEIGHT_FIELDS``) in which the checkpoint
+    differs from ``arch``."""
+    mismatch = arch.weight_mismatch(read_meta(path)["model"])
+    if mismatch:
+        field, saved, ours = mismatch
+        flag = "--" + field.replace("_", "-")
+        raise ValueError(
+            f"--load {path}: checkpoint has {field}={saved} but this run has {flag} {ours}; "
+            f"use the checkpoint's model settings or another --load"
+        )
 
 
 def _unwrap(m):
@@ -108,23 +104,12 @@ def _rng_state(rt) -> dict:
     }
 
 
-def checkpoint_meta(args, iteration: int, consumed_samples: int, runtime: dict, has_optimizer: bool) -> dict:
-    """The contents of a checkpoint's tri_meta.json (the architecture, layout and runtime that wrote it)."""
-    model_meta = {f: getattr(args, f, None) for f in SHAPE_FIELDS}
-    model_meta.update(model=args.model, seq_length=args.seq_length, rotary_base=args.rotary_base,
-                      no_rope_freq=args.no_rope_freq, window_size=args.window_size,
-                      window_attn_skip_freq=args.window_attn_skip_freq,
-                      attn_temperature_tuning=bool(args.attn_temperature_tuning),
-                      attn_floor_scale=args.attn_floor_scale, attn_scale=args.attn_scale,
-                      norm_epsilon=args.norm_epsilon, max_position_embeddings=args.max_position_embeddings)
-    return {"iteration": iteration, "consumed_samples": consumed_samples, "layout": _layout(args),
+def checkpoint_meta(cfg, iteration: int, consumed_samples: int, runtime: dict, has_optimizer: bool) -> dict:
+    """The contents of a checkpoint's tri_meta.json (the architecture, layout and runtime that wrote it);
+    ``cfg`` is the RunConfig."""
+    model_meta = dict(cfg.arch.meta(), seq_length=cfg.training.seq_length)
+    return {"iteration": iteration, "consumed_samples": consumed_samples, "layout": cfg.parallel.meta(),
             "runtime": runtime, "model": model_meta, "has_optimizer": has_optimizer}
-
-
-def _layout(args) -> dict:
-    return {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
-            "vpp": args.virtual_pipeline_model_parallel_size, "dp": args.data_parallel_size,
-            "cp": args.context_parallel_size}
 
 
 _OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -134,8 +119,9 @@ _OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
 _UNRECORDED_RUNTIME = {"device": "cpu", "backend": "gloo", "virtual": False}
 
 
-def save_checkpoint(root: str, iteration: int, model: list, optimizer, scheduler, consumed_samples: int, args,
+def save_checkpoint(root: str, iteration: int, model: list, optimizer, scheduler, consumed_samples: int, cfg,
                     rt=None) -> str:
+    """Write iteration's checkpoint of the run ``cfg`` (RunConfig) atomically under root; returns its path."""
     rt = rt or runtime.current()
     rank = dist.get_rank()
     final = iter_dir(root, iteration)
@@ -148,7 +134,7 @@ def save_checkpoint(root: str, iteration: int, model: list, optimizer, scheduler
     dist.barrier()
     model_sd = _model_sharded_state_dict(model)
     state = dict(model_sd)
-    if optimizer is not None and not args.no_save_optim:
+    if optimizer is not None and not cfg.checkpoint.no_save_optim:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_META)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["iteration"] = iteration
@@ -156,11 +142,11 @@ def save_checkpoint(root: str, iteration: int, model: list, optimizer, scheduler
     dist_checkpointing.save(state, tmp)
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save(_rng_state(rt), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
-    fault.hook_pause_in_save(tmp, iteration, rank)  # test hook TRI_TEST_PAUSE_IN_SAVE (tests/test_fault.py)
+    test_hooks.pause_in_save(tmp, iteration, rank)  # TRI_TEST_PAUSE_IN_SAVE (tests/test_fault.py)
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, META), "w") as f:
-            json.dump(checkpoint_meta(args, iteration, consumed_samples, rt.record(), "optimizer" in state),
+            json.dump(checkpoint_meta(cfg, iteration, consumed_samples, rt.record(), "optimizer" in state),
                       f, indent=1)
         if os.path.exists(final):
             shutil.rmtree(final)
@@ -173,7 +159,7 @@ def save_checkpoint(root: str, iteration: int, model: list, optimizer, scheduler
     return final
 
 
-def rng_restorable(meta: dict, args, rt) -> tuple:
+def rng_restorable(meta: dict, parallel, rt) -> tuple:
     """(restore?, why not): RNG states are per rank and per device kind, so only the same layout on the
     same runtime (device, backend, virtual) restores them."""
     saved_rt = meta.get("runtime", _UNRECORDED_RUNTIME)
@@ -181,15 +167,16 @@ def rng_restorable(meta: dict, args, rt) -> tuple:
         return False, (f"the checkpoint was written on {saved_rt['device']}"
                        f"{' (virtual)' if saved_rt.get('virtual') else ''}/{saved_rt['backend']} and this run is on "
                        f"{rt.signature()}")
-    if meta["layout"] != _layout(args):
+    if meta["layout"] != parallel.meta():
         return False, None  # resharding: expected, not worth a line
     return True, None
 
 
-def load_checkpoint(root: str, model: list, optimizer, scheduler, args, rt=None) -> tuple:
+def load_checkpoint(root: str, model: list, optimizer, scheduler, parallel, rt=None) -> tuple:
     """Load the newest complete checkpoint under root into model/optimizer/scheduler.
 
-    Returns (iteration, consumed_samples). The RNG state is restored only under the layout and the
+    Returns (iteration, consumed_samples). The RNG state is restored only under the layout (``parallel``,
+    the ParallelConfig of this run) and the
     runtime it was saved with (it is per rank and per device kind); other loads keep the freshly
     seeded RNG, and a runtime change is stated on rank 0.
     """
@@ -216,7 +203,7 @@ def load_checkpoint(root: str, model: list, optimizer, scheduler, args, rt=None)
     # A weights-only checkpoint (--no-save-optim) starts a fresh schedule from this run's flags.
     if scheduler is not None and load_optim and loaded.get("scheduler"):
         scheduler.load_state_dict(loaded["scheduler"])
-    restore, why_not = rng_restorable(meta, args, rt)
+    restore, why_not = rng_restorable(meta, parallel, rt)
     if why_not and optimizer is not None and dist.get_rank() == 0:  # training resumes (not a conversion)
         print(f"tri_megatron: --load {path}: RNG states not restored ({why_not}); continuing from this run's "
               f"seeded RNG", flush=True)
@@ -369,21 +356,22 @@ class SaveDirLock:
                 pass
 
 
-def lock_save_dir(args, rank: int):
-    """Rank 0 takes the --save lock; every rank learns the outcome (the same path on all of them).
-    Returns (lock or None, error message or None). Collective when torch.distributed is initialised."""
-    if not getattr(args, "save", None):
+def lock_save_dir(save, rank: int):
+    """Rank 0 takes the lock of the --save directory ``save``; every rank learns the outcome (the same
+    path on all of them). Returns (lock or None, error message or None). Collective when
+    torch.distributed is initialised."""
+    if not save:
         return None, None
     lock, outcome = None, [None, None]  # [error, takeover note]
     if rank == 0:
-        lock = SaveDirLock(args.save)
+        lock = SaveDirLock(save)
         try:
             lock.acquire()
             outcome = [None, lock.took_over]
         except (SaveDirLocked, OSError) as e:
-            lock, outcome = None, [str(e) if isinstance(e, SaveDirLocked) else f"--save {args.save}: {e}", None]
+            lock, outcome = None, [str(e) if isinstance(e, SaveDirLocked) else f"--save {save}: {e}", None]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(outcome, src=0)
     if rank == 0 and outcome[1]:
-        print(f"tri_megatron: --save {args.save}: {outcome[1]}", flush=True)
+        print(f"tri_megatron: --save {save}: {outcome[1]}", flush=True)
     return lock, outcome[0]

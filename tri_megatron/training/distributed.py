@@ -86,14 +86,12 @@ def first_slurm_host(nodelist: str) -> str:
     return host + head
 
 
-def init_distributed(args, rt=None) -> dict:
-    """Initialise torch.distributed and megatron-core's parallel state on the runtime's device and
-    backend (``rt``: resolved from ``args.device`` when not given); seed every RNG.
+def init_distributed(parallel, seed: int, rt) -> dict:
+    """Initialise torch.distributed and megatron-core's parallel state for the layout ``parallel``
+    (ParallelConfig) on the runtime ``rt``'s device and backend; seed every RNG from ``seed``.
 
     Raises runtime.DeviceError when the device cannot be used or the ranks decided differently."""
     le = launch_env()
-    if rt is None:
-        rt = runtime_mod.resolve(getattr(args, "device", "auto"), local_rank=le["local_rank"])
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", le["master_addr"])
         os.environ.setdefault("MASTER_PORT", le["master_port"])
@@ -108,12 +106,12 @@ def init_distributed(args, rt=None) -> dict:
         runtime_mod.activate(rt)
     le["runtime"] = rt
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
     )
-    set_seed(args.seed)
+    set_seed(seed)
     return le
 
 

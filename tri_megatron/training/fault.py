@@ -23,14 +23,7 @@ At thousands of GPUs, preemption and bad steps are routine; this module makes th
   gradients (|g| ~ 1e19) overflow the fp32 norm: that is caught from the norm the optimizer
   returns, after its step, and reported the same way (``"nonfinite": ["grad_norm"]``).
 
-Test hooks (for tests/test_fault*.py and tests/test_slurm*.py; never set them in real runs):
-
-* ``--inject-nan-at-iter K [K ...]``: the loss of iteration K is multiplied by NaN on every rank
-  (so the loss and every gradient are NaN).
-* ``TRI_TEST_ITER_SLEEP_S=SECONDS``: sleep after every iteration, so a test's signal lands mid-run.
-* ``TRI_TEST_PAUSE_IN_SAVE=ITER:SECONDS``: when saving iteration ITER, once this rank has written its
-  files into the temporary directory (before the barrier and the rename), write
-  ``pause-rank<R>.pid`` (its pid) there and sleep up to SECONDS, so a test can SIGKILL it mid-save.
+The faults tests inject (``--inject-nan-at-iter``, ``TRI_TEST_*``) live in tri_megatron/test_hooks.py.
 """
 
 from __future__ import annotations
@@ -45,31 +38,13 @@ import time
 import torch
 import torch.distributed as dist
 
+from tri_megatron.config.fault import DEFAULT_EXIT_SIGNALS, FaultConfig, parse_signals  # noqa: F401 (re-exported)
+
 EXIT_NONFINITE = 3  # process exit code when the run stops on a non-finite loss or gradient
-DEFAULT_EXIT_SIGNALS = "SIGTERM,SIGINT,SIGUSR1"
 _START_TIME = time.time()  # process start, for --exit-duration-in-mins (as Megatron)
 
 
 # ---------------------------------------------------------------------------------- signals
-def parse_signals(text: str | None) -> list:
-    """'SIGTERM,USR1' -> [Signals.SIGTERM, Signals.SIGUSR1]; '' / 'none' -> []. ValueError if bad."""
-    if text is None or text.strip().lower() in ("", "none"):
-        return []
-    sigs = []
-    for name in text.split(","):
-        name = name.strip().upper()
-        if not name:
-            continue
-        try:
-            sig = signal.Signals[name if name.startswith("SIG") else "SIG" + name]
-        except KeyError:
-            raise ValueError(f"--exit-signals: unknown signal {name!r}; use names like SIGTERM,SIGUSR1") from None
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise ValueError(f"--exit-signals: {sig.name} cannot be caught")
-        sigs.append(sig)
-    return sigs
-
-
 class ExitSignalHandler:
     """Records the first of the given signals; the training loop acts on it between iterations."""
 
@@ -104,11 +79,11 @@ class ExitSignalHandler:
 _HANDLER: ExitSignalHandler | None = None
 
 
-def install_exit_signal_handler(args, rank: int | None = None) -> ExitSignalHandler:
+def install_exit_signal_handler(cfg: FaultConfig, rank: int | None = None) -> ExitSignalHandler:
     """Install the process-wide handler for --exit-signals (idempotent); return it."""
     global _HANDLER
     if _HANDLER is None:
-        _HANDLER = ExitSignalHandler(parse_signals(getattr(args, "exit_signals", DEFAULT_EXIT_SIGNALS)), rank).install()
+        _HANDLER = ExitSignalHandler(list(cfg.exit_signals), rank).install()
     elif rank is not None:
         _HANDLER.rank = rank
     return _HANDLER
@@ -128,13 +103,13 @@ class ExitConditions:
     the same everywhere without communication.
     """
 
-    def __init__(self, args, start_time: float | None = None, clock=time.time):
-        self.exit_interval = getattr(args, "exit_interval", None)
-        mins = getattr(args, "exit_duration_in_mins", None)
+    def __init__(self, cfg: FaultConfig, start_time: float | None = None, clock=time.time):
+        self.exit_interval = cfg.exit_interval
+        mins = cfg.exit_duration_in_mins
         self.exit_seconds = mins * 60.0 if mins else None
         self.start_time = _START_TIME if start_time is None else start_time
         self.clock = clock
-        self.watch_signals = bool(parse_signals(getattr(args, "exit_signals", DEFAULT_EXIT_SIGNALS)))
+        self.watch_signals = bool(cfg.exit_signals)
 
     def _agree(self, local: list) -> list:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -196,9 +171,9 @@ def nonfinite_fields(lm_loss, mtp_loss, nonfinite_grads: float) -> list:
 class NonfinitePolicy:
     """--on-nonfinite skip|stop and --max-nonfinite-skips (consecutive)."""
 
-    def __init__(self, args):
-        self.mode = getattr(args, "on_nonfinite", "skip")
-        self.max_skips = getattr(args, "max_nonfinite_skips", 0) or 0
+    def __init__(self, cfg: FaultConfig):
+        self.mode = cfg.on_nonfinite
+        self.max_skips = cfg.max_nonfinite_skips or 0
         self.streak = 0
         self.total = 0
 
@@ -238,26 +213,3 @@ def requeue_slurm_job(job_id: str | None = None, timeout: float = 60) -> bool:
               flush=True)
         return False
     return True
-
-
-# ---------------------------------------------------------------------------------- test hooks
-def hook_iteration_sleep() -> None:
-    """TRI_TEST_ITER_SLEEP_S: slow every iteration down (tests only)."""
-    s = os.environ.get("TRI_TEST_ITER_SLEEP_S")
-    if s:
-        time.sleep(float(s))
-
-
-def hook_pause_in_save(tmp_dir: str, iteration: int, rank: int) -> None:
-    """TRI_TEST_PAUSE_IN_SAVE=ITER:SECONDS: stall inside save of ITER, files written, before the rename."""
-    spec = os.environ.get("TRI_TEST_PAUSE_IN_SAVE")
-    if not spec:
-        return
-    it, _, seconds = spec.partition(":")
-    if int(it) != iteration:
-        return
-    with open(os.path.join(tmp_dir, f"pause-rank{rank}.pid"), "w") as f:
-        f.write(str(os.getpid()))
-    deadline = time.time() + float(seconds or 60)
-    while time.time() < deadline and signal_received() is None:
-        time.sleep(0.05)

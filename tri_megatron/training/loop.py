@@ -20,38 +20,41 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from tri_megatron.mcore_internals import clear_mtp_tracker, take_mtp_losses
-from tri_megatron import runtime
+from tri_megatron import runtime, test_hooks
 from tri_megatron.model.builder import build_model_chunks
-from tri_megatron.model.config import transformer_config_from_args
+from tri_megatron.model.config import transformer_config
 from tri_megatron.model.specs import use_transformer_engine
 from tri_megatron.training import checkpointing, fault
-from tri_megatron.training.flops import detect_peak_tflops, hardware_flops_per_iteration, model_flops_per_iteration
+from tri_megatron.perf.devices import detect_peak_tflops
+from tri_megatron.perf.flops import hardware_flops_per_iteration, model_flops_per_iteration
 from tri_megatron.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 
 
 class Trainer:
-    def __init__(self, args, rt=None):
-        self.args = args
+    def __init__(self, cfg, rt=None):
+        """``cfg``: the RunConfig (tri_megatron.config); ``rt``: the runtime (default: the active one)."""
+        self.cfg = cfg
+        tr, ckpt = cfg.training, cfg.checkpoint
         self.rt = rt or runtime.current()
-        self.use_te = use_transformer_engine(args.transformer_impl)
-        self.config = transformer_config_from_args(args, self.use_te, self.rt)
-        self.model = wrap_ddp(build_model_chunks(self.config, args, self.use_te, self.rt), self.config, args)
-        self.optimizer = build_optimizer(self.model, self.config, args)
-        self.scheduler = build_scheduler(self.optimizer, args)
+        self.use_te = use_transformer_engine(tr.transformer_impl)
+        self.config = transformer_config(cfg, self.use_te, self.rt)
+        self.model = wrap_ddp(build_model_chunks(self.config, cfg, self.use_te, self.rt), self.config, cfg.parallel)
+        self.optimizer = build_optimizer(self.model, self.config, cfg.optim, cfg.parallel)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, tr.global_batch_size, tr.train_iters)
         self.iteration = 0
         self.consumed_samples = 0
         self.last_saved_iteration = None  # no need to save again what --save already holds
-        if args.load:
+        if ckpt.load:
             self.iteration, self.consumed_samples = checkpointing.load_checkpoint(
-                args.load, self.model, self.optimizer, self.scheduler, args, self.rt)
-            if args.save and os.path.realpath(args.load) == os.path.realpath(args.save):
+                ckpt.load, self.model, self.optimizer, self.scheduler, cfg.parallel, self.rt)
+            if ckpt.save and os.path.realpath(ckpt.load) == os.path.realpath(ckpt.save):
                 self.last_saved_iteration = self.iteration
-        self.exit_conditions = fault.ExitConditions(args)
-        self.nonfinite_policy = fault.NonfinitePolicy(args)
+        self.exit_conditions = fault.ExitConditions(cfg.fault)
+        self.nonfinite_policy = fault.NonfinitePolicy(cfg.fault)
         self.exit_reason = None  # (reason, detail) when the run stopped before --train-iters
         self._poison = False  # test hook --inject-nan-at-iter
-        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
-        self.peak_tflops = args.peak_tflops or detect_peak_tflops()
+        self.num_microbatches = cfg.num_microbatches
+        self.peak_tflops = cfg.logging.peak_tflops or detect_peak_tflops()
         self.world_size = dist.get_world_size()
 
     # ------------------------------------------------------------------ steps
@@ -63,20 +66,41 @@ class Trainer:
         num_tokens = mask.sum().to(torch.int)
         return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
+    def _packed(self) -> bool:
+        """--reset-attention-mask: every micro-batch is one THD sequence of micro_batch_size * seq_length
+        tokens, whatever its number of documents (so every stage and rank has the same shapes)."""
+        return self.cfg.data.reset_attention_mask
+
+    def _p2p_shape(self) -> tuple:
+        """(seq_length, micro_batch_size) of the activations the pipeline stages exchange."""
+        if self._packed():
+            return self.cfg.training.seq_length * self.cfg.training.micro_batch_size, 1
+        return self.cfg.training.seq_length, self.cfg.training.micro_batch_size
+
     def _device_batch(self, batch: dict) -> dict:
         """The micro-batch on the runtime's device; under CP, this rank's two sequence chunks
-        (megatron's load-balanced split: chunks r and 2*CP-1-r of 2*CP)."""
+        (megatron's load-balanced split: chunks r and 2*CP-1-r of 2*CP). A packed micro-batch (it
+        carries cu_seqlens, tri_megatron.data.packing) becomes one [1, b*s] THD sequence with
+        megatron-core's PackedSeqParams under "packed_seq_params"."""
+        cu, max_seqlen = batch.pop("cu_seqlens", None), batch.pop("max_seqlen", None)
+        if cu is not None:
+            from tri_megatron.data.packing import packed_seq_params, to_thd
+
+            batch = to_thd(batch)
         batch = {k: v.to(self.rt.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if self.args.context_parallel_size > 1:
+        if cu is not None:
+            batch["packed_seq_params"] = packed_seq_params(cu.to(self.rt.device, non_blocking=True), max_seqlen)
+        if self.cfg.parallel.cp > 1:
             batch = get_batch_on_this_cp_rank(batch)
         return batch
 
     def _forward_step(self, data_iterator, model):
         batch = self._device_batch(next(data_iterator))
         output = model(batch["tokens"], batch["position_ids"], None,
-                       labels=batch["labels"], loss_mask=batch["loss_mask"])
+                       labels=batch["labels"], loss_mask=batch["loss_mask"],
+                       packed_seq_params=batch.get("packed_seq_params"))
         if self._poison:
-            output = output * float("nan")
+            output = test_hooks.poison(output)
         return output, partial(self._loss_func, batch["loss_mask"])
 
     def _iterators(self, make):
@@ -89,8 +113,8 @@ class Trainer:
             data_iterator=data_iterator,
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=self.num_microbatches,
-            seq_length=self.args.seq_length,
-            micro_batch_size=self.args.micro_batch_size,
+            seq_length=self._p2p_shape()[0],
+            micro_batch_size=self._p2p_shape()[1],
             forward_only=forward_only,
         )
 
@@ -99,7 +123,7 @@ class Trainer:
 
         nonfinite_grads (this rank's count of gradient tensors holding NaN/inf) rides along in the
         same all-reduce and comes back summed over all ranks."""
-        depth = self.args.mtp_num_layers or 0
+        depth = self.cfg.arch.mtp_num_layers
         vec = torch.zeros(4 + depth, dtype=torch.float64)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for item in losses_reduced:
@@ -122,7 +146,7 @@ class Trainer:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self._poison = self.iteration + 1 in (getattr(self.args, "inject_nan_at_iter", None) or ())
+        self._poison = test_hooks.poison_iteration(self.iteration + 1, self.cfg.inject_nan_at_iter)
         losses = self._run_schedule(data_iterator, forward_only=False)
         self._poison = False
         # NaN/inf in the loss or any gradient is found before the optimizer step, agreed by all ranks
@@ -136,7 +160,7 @@ class Trainer:
             if grad_norm is not None and not math.isfinite(grad_norm):
                 nonfinite = ["grad_norm"]  # finite gradients whose norm overflowed fp32: reported, already applied
         if ok:
-            self.scheduler.step(increment=self.args.global_batch_size)
+            self.scheduler.step(increment=self.cfg.training.global_batch_size)
         return {"lm_loss": lm_loss, "mtp_loss": mtp_loss,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok,
                 "nonfinite": nonfinite}
@@ -149,7 +173,7 @@ class Trainer:
         for domain in data.valid_domains:
             total, count = 0.0, 0
             it = self._iterators(lambda: data.valid_iterator(domain))
-            for _ in range(self.args.eval_iters):
+            for _ in range(self.cfg.training.eval_iters):
                 losses = self._run_schedule(it, forward_only=True)
                 lm, _, _ = self._reduce_losses(losses)
                 if not math.isnan(lm):
@@ -161,16 +185,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self, data, logger, on_save=None) -> list:
-        args = self.args
+        cfg, tr, ckpt = self.cfg, self.cfg.training, self.cfg.checkpoint
         history = []
-        tokens_per_iter = args.global_batch_size * args.seq_length
-        mflops = model_flops_per_iteration(args, tokens_per_iter)
-        hflops = hardware_flops_per_iteration(args, tokens_per_iter)
+        tokens_per_iter = tr.tokens_per_iteration
+        mflops = model_flops_per_iteration(cfg.arch, tr.seq_length, tokens_per_iter)
+        hflops = hardware_flops_per_iteration(cfg.arch, tr.seq_length, tokens_per_iter, **tr.recompute(),
+                                              pp=cfg.parallel.pp, vpp=cfg.parallel.vpp)
         # each model chunk walks the same micro-batch sequence from the same position
         it = self._iterators(lambda: data.train_iterator(self.consumed_samples))
         for m in self.model:
             m.train()
-        while self.iteration < args.train_iters:
+        while self.iteration < tr.train_iters:
             if self.rt.cuda_kernels:
                 torch.cuda.synchronize()
             lr = self.optimizer.param_groups[0]["lr"]
@@ -180,7 +205,7 @@ class Trainer:
                 torch.cuda.synchronize()
             dt = time.time() - t0
             self.iteration += 1
-            self.consumed_samples += args.global_batch_size
+            self.consumed_samples += tr.global_batch_size
             tflops = mflops / dt / self.world_size / 1e12
             record = {
                 "iteration": self.iteration,
@@ -202,8 +227,8 @@ class Trainer:
             if self.rt.cuda_kernels:
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             history.append(record)
-            logger.iteration(record, console=self.iteration % args.log_interval == 0)
-            fault.hook_iteration_sleep()
+            logger.iteration(record, console=self.iteration % cfg.logging.log_interval == 0)
+            test_hooks.iteration_sleep()
             if out["nonfinite"]:
                 action = self.nonfinite_policy.observe(out["nonfinite"])
                 self._say(f"iteration {self.iteration}: non-finite {', '.join(out['nonfinite'])} "
@@ -217,17 +242,17 @@ class Trainer:
                     return history
             else:
                 self.nonfinite_policy.observe([])
-            if args.eval_interval and self.iteration % args.eval_interval == 0:
+            if tr.eval_interval and self.iteration % tr.eval_interval == 0:
                 logger.eval(self.iteration, self.evaluate(data))
             stop = self.exit_conditions.check(self.iteration)
-            if args.save and ((args.save_interval and self.iteration % args.save_interval == 0) or stop):
+            if ckpt.save and ((ckpt.save_interval and self.iteration % ckpt.save_interval == 0) or stop):
                 self.save(on_save)
             if stop:
                 self.exit_reason = stop
                 self._say(f"stopping after iteration {self.iteration}: {stop[1]}"
-                          + (f"; checkpoint saved to {args.save}" if args.save else "; no --save, nothing saved"))
+                          + (f"; checkpoint saved to {ckpt.save}" if ckpt.save else "; no --save, nothing saved"))
                 return history
-        if args.save and self.iteration != self.last_saved_iteration:
+        if ckpt.save and self.iteration != self.last_saved_iteration:
             self.save(on_save)
         return history
 
@@ -236,8 +261,8 @@ class Trainer:
             print(f"tri_megatron: {text}", flush=True)
 
     def save(self, on_save=None) -> str:
-        path = checkpointing.save_checkpoint(self.args.save, self.iteration, self.model, self.optimizer,
-                                             self.scheduler, self.consumed_samples, self.args, self.rt)
+        path = checkpointing.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer,
+                                             self.scheduler, self.consumed_samples, self.cfg, self.rt)
         self.last_saved_iteration = self.iteration
         if on_save:
             on_save(self.iteration, path)

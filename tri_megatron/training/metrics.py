@@ -11,20 +11,21 @@ import time
 class MetricsLogger:
     """Writes on global rank 0 only; other ranks hold a silent instance."""
 
-    def __init__(self, args, rank: int):
+    def __init__(self, cfg, train_iters: int, rank: int):
+        """``cfg``: the LoggingConfig; ``train_iters``: the run's length (for the ETA)."""
         self.enabled = rank == 0
-        self.args = args
+        self.train_iters = train_iters
         self.tb = None
         self.json = None
         if not self.enabled:
             return
-        if args.tensorboard_dir:
+        if cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=args.tensorboard_dir)
-        if args.log_json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.log_json)), exist_ok=True)
-            self.json = open(args.log_json, "a", buffering=1)
+            self.tb = SummaryWriter(log_dir=cfg.tensorboard_dir)
+        if cfg.log_json:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.log_json)), exist_ok=True)
+            self.json = open(cfg.log_json, "a", buffering=1)
         self.start = time.time()
 
     def iteration(self, record: dict, console: bool) -> None:
@@ -38,10 +39,10 @@ class MetricsLogger:
                 if key != "iteration" and isinstance(value, (int, float)) and value is not None and math.isfinite(value):
                     self.tb.add_scalar(f"train/{key}", value, it)
         if console:
-            left = self.args.train_iters - record["iteration"]
+            left = self.train_iters - record["iteration"]
             eta = left * record["step_time_s"]
             parts = [
-                f"iter {record['iteration']:6d}/{self.args.train_iters}",
+                f"iter {record['iteration']:6d}/{self.train_iters}",
                 f"loss {record['lm_loss']:.4f}",
             ]
             if record.get("mtp_loss") is not None:
