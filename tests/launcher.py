@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
+
+from tri_megatron.local_dist import free_port  # noqa: F401 (tests import it from here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(ROOT, "pretrain_tri.py")
@@ -18,12 +19,6 @@ PRETRAIN = os.path.join(ROOT, "pretrain_tri.py")
 # The tiny preset cut further so that a 4-process run takes seconds on 2 cores.
 TINY = ["--model", "tri-tiny", "--mock-data", "--seq-length", "64", "--micro-batch-size", "2",
         "--global-batch-size", "8", "--lr", "1e-3", "--lr-decay-style", "constant", "--log-interval", "1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(nproc: int, args: list, check: bool = True, timeout: int = 600, virtual=None,

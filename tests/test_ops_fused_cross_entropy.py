@@ -13,12 +13,12 @@ activation recompute applying the gradients once.
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tri_megatron.local_dist import free_port
 from tri_megatron.ops import fused_cross_entropy as fce
 from tri_megatron.ops.fused_cross_entropy import (
     fused_linear_cross_entropy,
@@ -318,12 +318,6 @@ def test_bad_arguments_raise():
 
 
 # ------------------------------------------------------------------------------- TP=2 under gloo -------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tp_worker(rank, world, port, chunk, upstream_kind):
     import torch.distributed as dist
 
@@ -375,7 +369,7 @@ def test_vocab_parallel_tp2_gloo_mtp_depth2(chunk, upstream_kind):
     heads, z-loss, masks and ignored labels, a loss scale, into main_grad."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_tp_worker, args=(2, _free_port(), chunk, upstream_kind), nprocs=2, join=True)
+    mp.spawn(_tp_worker, args=(2, free_port(), chunk, upstream_kind), nprocs=2, join=True)
 
 
 # ------------------------------------------------------------------------------------------ GPU -------

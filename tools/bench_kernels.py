@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -56,6 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from tri_megatron.local_dist import free_port  # noqa: E402
 from tri_megatron.mcore_internals import megatron_rope_bshd, vocab_parallel_cross_entropy_on  # noqa: E402
 from tri_megatron.ops import fused_cross_entropy as fce  # noqa: E402
 from tri_megatron.ops._kernels import kernels_available  # noqa: E402
@@ -167,11 +167,8 @@ def _init_single_rank_group(device):
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+                                init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     return dist.new_group([0])
 
 

@@ -49,6 +49,7 @@ warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 import torch  # noqa: E402
 
 from tri_megatron.config.arch import ModelArch  # noqa: E402
+from tri_megatron.local_dist import free_port  # noqa: E402
 from tri_megatron.perf.devices import detect_peak_tflops  # noqa: E402
 from tri_megatron.perf.flops import (  # noqa: E402
     hardware_flops_per_iteration, model_flops_per_iteration, stage_flops_per_token,
@@ -122,12 +123,6 @@ def _hardware_flops(args, tokens: int) -> float:
 def _fail(msg: str) -> None:
     print(f"bench_mfu.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------- measuring --
@@ -400,7 +395,7 @@ def run_layout(args) -> dict:
     except ArgumentError as e:
         _fail(str(e))
     if world == 1 and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     env = init_distributed(args)
     try:
         data = MockData(args.seq_length, args.vocab_size, args.micro_batch_size,
@@ -507,7 +502,7 @@ def run_proxy(args) -> dict:
         _fail(str(e))
     pargs = proxy_args(args, spec)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     init_distributed(pargs)
     try:
         shards = spec.dp * spec.cp if args.use_distributed_optimizer else 1

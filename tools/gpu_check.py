@@ -62,6 +62,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from tri_megatron.local_dist import free_port  # noqa: E402 (standard library only, as this script needs)
+
 STAGES = ("kernels", "tests", "train", "bench", "mfu")
 TIMEOUTS = {"kernels": 150, "tests": 90, "train": 120, "bench": 90, "mfu": 150}  # seconds, each a cap
 FEATURES = {
@@ -147,12 +149,6 @@ def _kill(proc) -> None:
 
 def tail(text: str, n: int = 1500) -> str:
     return text[-n:]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------- facts ---------

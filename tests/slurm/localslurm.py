@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from tri_megatron.local_dist import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 PACKAGES_HINT = "apt-get update && apt-get install -y slurm-wlm munge"
 
@@ -42,12 +44,6 @@ def missing_requirements() -> str | None:
     if absent:
         return f"missing {', '.join(absent)}: {PACKAGES_HINT}"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _which(name: str) -> str:
@@ -85,8 +81,8 @@ class LocalSlurm:
         conf = f"""# written by tests/slurm/localslurm.py: a one-node test cluster on {self.host}
 ClusterName=tritest
 SlurmctldHost={self.host}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port("")}
+SlurmdPort={free_port("")}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

@@ -24,6 +24,8 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
+from tri_megatron.config.arch import ModelArch
+
 # canonical layer suffix -> HF layer suffix (simple renames)
 LAYER_RENAMES = {
     "input_layernorm.weight": "input_layernorm.weight",
@@ -97,30 +99,15 @@ def pad_vocab(w: torch.Tensor, padded_size: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ names
-class ModelDims:
-    """The architecture numbers the mapping needs (from tri_meta.json's "model" or an HF config)."""
-
-    def __init__(self, m: dict):
-        self.num_layers = m["num_layers"]
-        self.hidden_size = m["hidden_size"]
-        self.num_heads = m["num_attention_heads"]
-        self.num_groups = m["num_query_groups"]
-        self.head_dim = m["kv_channels"]
-        self.vocab_size = m["vocab_size"]
-        self.padded_vocab_size = -(-m["vocab_size"] // 128) * 128
-        self.mtp_num_layers = m.get("mtp_num_layers") or 0
-        self.untied = bool(m.get("untie_embeddings_and_output_weights", True))
-        self.zero_centered_gamma = bool(m.get("layernorm_zero_centered_gamma", False))
+def arch_of(m: dict) -> ModelArch:
+    """The architecture record of tri_meta.json's "model" (or an HF config's meta) the mapping works with."""
+    return ModelArch.from_meta(m)
 
 
-def _is_norm(canonical_suffix: str) -> bool:
-    return canonical_suffix.endswith("layernorm.weight") or canonical_suffix.endswith("norm.weight")
-
-
-def layer_to_hf(prefix: str, suffix: str, t: torch.Tensor, dims: ModelDims) -> Iterator[Tuple[str, torch.Tensor]]:
+def layer_to_hf(prefix: str, suffix: str, t: torch.Tensor, arch: ModelArch) -> Iterator[Tuple[str, torch.Tensor]]:
     """One canonical decoder-block tensor -> HF tensors under ``prefix`` (``model.layers.N.``)."""
     if suffix == QKV:
-        q, k, v = split_qkv(t, dims.num_heads, dims.num_groups, dims.head_dim)
+        q, k, v = split_qkv(t, arch.num_attention_heads, arch.num_query_groups, arch.kv_channels)
         yield prefix + "self_attn.q_proj.weight", q
         yield prefix + "self_attn.k_proj.weight", k
         yield prefix + "self_attn.v_proj.weight", v
@@ -129,7 +116,7 @@ def layer_to_hf(prefix: str, suffix: str, t: torch.Tensor, dims: ModelDims) -> I
         yield prefix + "mlp.gate_proj.weight", gate
         yield prefix + "mlp.up_proj.weight", up
     elif suffix in LAYER_RENAMES:
-        if suffix in NORM_SUFFIXES and dims.zero_centered_gamma:
+        if suffix in NORM_SUFFIXES and arch.layernorm_zero_centered_gamma:
             t = t + 1
         yield prefix + LAYER_RENAMES[suffix], t
     else:
@@ -140,28 +127,28 @@ _DEC = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _MTP = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
 
 
-def canonical_to_hf(name: str, t: torch.Tensor, dims: ModelDims, drop_mtp: bool = False):
+def canonical_to_hf(name: str, t: torch.Tensor, arch: ModelArch, drop_mtp: bool = False):
     """One canonical tensor -> list of (HF name, tensor)."""
     if name == "embedding.word_embeddings.weight":
-        return [("model.embed_tokens.weight", unpad_vocab(t, dims.vocab_size))]
+        return [("model.embed_tokens.weight", unpad_vocab(t, arch.vocab_size))]
     if name == "output_layer.weight":
-        return [("lm_head.weight", unpad_vocab(t, dims.vocab_size))] if dims.untied else []
+        return [("lm_head.weight", unpad_vocab(t, arch.vocab_size))] if arch.untie_embeddings_and_output_weights else []
     if name == "decoder.final_layernorm.weight":
-        return [("model.norm.weight", t + 1 if dims.zero_centered_gamma else t)]
+        return [("model.norm.weight", t + 1 if arch.layernorm_zero_centered_gamma else t)]
     m = _DEC.match(name)
     if m:
-        return list(layer_to_hf(f"model.layers.{m.group(1)}.", m.group(2), t, dims))
+        return list(layer_to_hf(f"model.layers.{m.group(1)}.", m.group(2), t, arch))
     m = _MTP.match(name)
     if m:
         if drop_mtp:
             return []
-        prefix = f"model.layers.{dims.num_layers + int(m.group(1))}."
+        prefix = f"model.layers.{arch.num_layers + int(m.group(1))}."
         rest = m.group(2)
         if rest in MTP_RENAMES:
-            return [(prefix + MTP_RENAMES[rest], t + 1 if dims.zero_centered_gamma and "norm" in rest else t)]
+            return [(prefix + MTP_RENAMES[rest], t + 1 if arch.layernorm_zero_centered_gamma and "norm" in rest else t)]
         inner, _, suffix = rest.partition(".")
         if inner in MTP_INNER_NAMES:
-            return list(layer_to_hf(prefix, canonical_layer_suffix(suffix), t, dims))
+            return list(layer_to_hf(prefix, canonical_layer_suffix(suffix), t, arch))
     raise KeyError(f"no Hugging Face name for megatron tensor {name!r}")
 
 
@@ -174,62 +161,62 @@ def hf_layer_sources(prefix: str, suffix: str) -> List[str]:
     return [prefix + LAYER_RENAMES[suffix]]
 
 
-def hf_to_canonical(name: str, get, dims: ModelDims) -> torch.Tensor:
+def hf_to_canonical(name: str, get, arch: ModelArch) -> torch.Tensor:
     """Build one canonical tensor from HF tensors; ``get(hf_name)`` returns an HF tensor."""
     if name == "embedding.word_embeddings.weight":
-        return pad_vocab(get("model.embed_tokens.weight"), dims.padded_vocab_size)
+        return pad_vocab(get("model.embed_tokens.weight"), arch.padded_vocab_size())
     if name == "output_layer.weight":
-        src = "lm_head.weight" if dims.untied else "model.embed_tokens.weight"
-        return pad_vocab(get(src), dims.padded_vocab_size)
+        src = "lm_head.weight" if arch.untie_embeddings_and_output_weights else "model.embed_tokens.weight"
+        return pad_vocab(get(src), arch.padded_vocab_size())
     if name == "decoder.final_layernorm.weight":
         t = get("model.norm.weight")
-        return t - 1 if dims.zero_centered_gamma else t
+        return t - 1 if arch.layernorm_zero_centered_gamma else t
     m = _DEC.match(name)
     if m:
-        return _hf_layer_to_canonical(f"model.layers.{m.group(1)}.", canonical_layer_suffix(m.group(2)), get, dims)
+        return _hf_layer_to_canonical(f"model.layers.{m.group(1)}.", canonical_layer_suffix(m.group(2)), get, arch)
     m = _MTP.match(name)
     if m:
-        prefix = f"model.layers.{dims.num_layers + int(m.group(1))}."
+        prefix = f"model.layers.{arch.num_layers + int(m.group(1))}."
         rest = m.group(2)
         if rest in MTP_RENAMES:
             t = get(prefix + MTP_RENAMES[rest])
-            return t - 1 if dims.zero_centered_gamma and "norm" in rest else t
+            return t - 1 if arch.layernorm_zero_centered_gamma and "norm" in rest else t
         inner, _, suffix = rest.partition(".")
         if inner in MTP_INNER_NAMES:
-            return _hf_layer_to_canonical(prefix, canonical_layer_suffix(suffix), get, dims)
+            return _hf_layer_to_canonical(prefix, canonical_layer_suffix(suffix), get, arch)
     raise KeyError(f"no Hugging Face source for megatron tensor {name!r}")
 
 
-def _hf_layer_to_canonical(prefix: str, suffix: str, get, dims: ModelDims) -> torch.Tensor:
+def _hf_layer_to_canonical(prefix: str, suffix: str, get, arch: ModelArch) -> torch.Tensor:
     srcs = [get(n) for n in hf_layer_sources(prefix, suffix)]
     if suffix == QKV:
-        return merge_qkv(*srcs, dims.num_heads, dims.num_groups, dims.head_dim)
+        return merge_qkv(*srcs, arch.num_attention_heads, arch.num_query_groups, arch.kv_channels)
     if suffix == FC1:
         return torch.cat(srcs).contiguous()
     t = srcs[0]
-    if suffix in NORM_SUFFIXES and dims.zero_centered_gamma:
+    if suffix in NORM_SUFFIXES and arch.layernorm_zero_centered_gamma:
         t = t - 1
     return t
 
 
-def expected_hf_shapes(dims: ModelDims, ffn_hidden_size: int, ssmax: bool, drop_mtp: bool = False) -> Dict[str, tuple]:
+def expected_hf_shapes(arch: ModelArch, ffn_hidden_size: int, ssmax: bool, drop_mtp: bool = False) -> Dict[str, tuple]:
     """Every HF tensor name and shape the export of this architecture contains."""
-    h, f, d = dims.hidden_size, ffn_hidden_size, dims.head_dim
+    h, f, d = arch.hidden_size, ffn_hidden_size, arch.kv_channels
     block = {
         "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (dims.num_heads * d, h), "self_attn.k_proj.weight": (dims.num_groups * d, h),
-        "self_attn.v_proj.weight": (dims.num_groups * d, h), "self_attn.o_proj.weight": (h, dims.num_heads * d),
+        "self_attn.q_proj.weight": (arch.num_attention_heads * d, h), "self_attn.k_proj.weight": (arch.num_query_groups * d, h),
+        "self_attn.v_proj.weight": (arch.num_query_groups * d, h), "self_attn.o_proj.weight": (h, arch.num_attention_heads * d),
         "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
     }
     if ssmax:
-        block["self_attn.ssmax_scale"] = (dims.num_heads,)
-    shapes = {"model.embed_tokens.weight": (dims.vocab_size, h), "model.norm.weight": (h,)}
-    if dims.untied:
-        shapes["lm_head.weight"] = (dims.vocab_size, h)
-    for i in range(dims.num_layers):
+        block["self_attn.ssmax_scale"] = (arch.num_attention_heads,)
+    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
+    if arch.untie_embeddings_and_output_weights:
+        shapes["lm_head.weight"] = (arch.vocab_size, h)
+    for i in range(arch.num_layers):
         shapes.update({f"model.layers.{i}.{k}": v for k, v in block.items()})
-    for j in range(0 if drop_mtp else dims.mtp_num_layers):
-        p = f"model.layers.{dims.num_layers + j}."
+    for j in range(0 if drop_mtp else arch.mtp_num_layers):
+        p = f"model.layers.{arch.num_layers + j}."
         shapes.update({p + k: v for k, v in block.items()})
         shapes.update({p + "enorm.weight": (h,), p + "hnorm.weight": (h,), p + "eh_proj.weight": (h, 2 * h),
                        p + "shared_head.norm.weight": (h,)})

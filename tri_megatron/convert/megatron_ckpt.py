@@ -20,7 +20,7 @@ from typing import Dict, Iterator, Tuple
 
 import torch
 
-from tri_megatron.convert.mapping import MTP_INNER_NAMES, TE_NORM_ALIASES, ModelDims
+from tri_megatron.convert.mapping import MTP_INNER_NAMES, TE_NORM_ALIASES, arch_of
 
 
 class CheckpointError(ValueError):
@@ -39,14 +39,14 @@ UNSUPPORTED_MARKERS = (".bias", "layer_norm_bias", "q_layernorm", "k_layernorm",
 
 def resolve_checkpoint(path: str) -> str:
     """A save root (newest complete iteration) or an iteration directory -> the iteration directory."""
-    from tri_megatron.training.checkpointing import find_latest_checkpoint
+    from tri_megatron.training.checkpointing import TRACKER, find_latest_checkpoint, iter_dir
 
     found = find_latest_checkpoint(path)
     if found is None and os.path.isfile(os.path.join(path, "metadata.json")):
         found = path  # a Megatron-LM iteration directory (no tri_meta.json)
-    if found is None and os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")):
-        it = open(os.path.join(path, "latest_checkpointed_iteration.txt")).read().strip()
-        cand = os.path.join(path, f"iter_{int(it):07d}") if it.isdigit() else None
+    if found is None and os.path.isfile(os.path.join(path, TRACKER)):
+        it = open(os.path.join(path, TRACKER)).read().strip()
+        cand = iter_dir(path, int(it)) if it.isdigit() else None
         if cand and os.path.isfile(os.path.join(cand, "metadata.json")):
             found = cand
     if found is None:
@@ -113,7 +113,7 @@ class MegatronCheckpoint:
         self.path = resolve_checkpoint(path)
         self.meta = read_checkpoint_meta(self.path)
         self.model = dict(self.meta["model"])
-        self.dims = ModelDims(self.model)
+        self.arch = arch_of(self.model)
         self.reader = dcp.FileSystemReader(self.path)
         try:
             self.md = self.reader.read_metadata()
@@ -124,7 +124,7 @@ class MegatronCheckpoint:
 
     # ------------------------------------------------------------------------------------ checks
     def _plan(self) -> None:
-        m, dims = self.model, self.dims
+        m, arch = self.model, self.arch
         shapes = _expected_shapes(m)
         self.layer_keys: Dict[str, str] = {}  # canonical suffix -> stored stacked key
         for suffix in LAYER_SUFFIXES + ((SSMAX,) if m.get("ssmax") else ()):
@@ -132,18 +132,18 @@ class MegatronCheckpoint:
         for canon, choices in NORM_CHOICES.items():
             self.layer_keys[canon] = next(("decoder.layers." + c for c in choices
                                            if "decoder.layers." + c in self.tensors), "decoder.layers." + choices[0])
-        self.single_keys = {"embedding.word_embeddings.weight": (dims.padded_vocab_size, dims.hidden_size),
-                            "decoder.final_layernorm.weight": (dims.hidden_size,)}
-        if dims.untied:
-            self.single_keys["output_layer.weight"] = (dims.padded_vocab_size, dims.hidden_size)
+        self.single_keys = {"embedding.word_embeddings.weight": (arch.padded_vocab_size(), arch.hidden_size),
+                            "decoder.final_layernorm.weight": (arch.hidden_size,)}
+        if arch.untie_embeddings_and_output_weights:
+            self.single_keys["output_layer.weight"] = (arch.padded_vocab_size(), arch.hidden_size)
         self.mtp_keys: Dict[str, str] = {}  # canonical name -> stored key
-        for j in range(dims.mtp_num_layers):
+        for j in range(arch.mtp_num_layers):
             p = f"mtp.layers.{j}."
             for n in ("enorm.weight", "hnorm.weight", "final_layernorm.weight"):
                 self.mtp_keys[p + n] = p + n
-                self.single_keys[p + n] = (dims.hidden_size,)
+                self.single_keys[p + n] = (arch.hidden_size,)
             self.mtp_keys[p + "eh_proj.weight"] = p + "eh_proj.weight"
-            self.single_keys[p + "eh_proj.weight"] = (dims.hidden_size, 2 * dims.hidden_size)
+            self.single_keys[p + "eh_proj.weight"] = (arch.hidden_size, 2 * arch.hidden_size)
             inner = next((i for i in MTP_INNER_NAMES if any(k.startswith(f"{p}{i}.") for k in self.tensors)),
                          MTP_INNER_NAMES[0])
             for canon in shapes:
@@ -238,7 +238,7 @@ class MegatronCheckpoint:
         At most one decoder layer (or the MTP modules, or one embedding) is read at a time. With meta,
         the same sequence as meta tensors (shapes and dtypes for planning, nothing read)."""
         yield from self._whole(["embedding.word_embeddings.weight"], meta).items()
-        for i in range(self.dims.num_layers):
+        for i in range(self.arch.num_layers):
             wanted = {}
             for suffix, key in self.layer_keys.items():
                 shape = tuple(self.tensors[key].size)
@@ -248,7 +248,7 @@ class MegatronCheckpoint:
                 yield f"decoder.layers.{i}.{suffix}", got[key][0]
             del got  # not held while the next region is read
         yield from self._whole(["decoder.final_layernorm.weight"], meta).items()
-        if self.dims.untied:
+        if self.arch.untie_embeddings_and_output_weights:
             yield from self._whole(["output_layer.weight"], meta).items()
         if self.mtp_keys:
             got = self._whole(sorted(set(self.mtp_keys.values())), meta)
