@@ -193,7 +193,11 @@ def test_self_attention_rotates_only_given_frequencies(megatron_single_process):
 
     cfg = _tiny_config(num_layers=1)
     spec = mcore_internals.set_attention_modules(get_gpt_layer_local_spec(), core_attention=_RecordingCoreAttention)
-    attn = build_module(spec.submodules.self_attention, config=cfg, layer_number=1)
+    try:
+        attn = build_module(spec.submodules.self_attention, config=cfg, layer_number=1)
+    except TypeError as e:  # megatron builds the core attention with other arguments
+        pytest.fail(_seam(f"SelfAttention builds core_attention(config, layer_number, attn_mask_type, attention_type, "
+                          f"attention_dropout, softmax_scale, cp_comm_type, pg_collection): {e}"))
     assert isinstance(attn.core_attention, _RecordingCoreAttention), _seam("GPT layer spec's core_attention slot")
     freqs = RotaryEmbedding(kv_channels=cfg.kv_channels, rotary_percent=1.0)(6)
     hidden = torch.randn(6, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -215,6 +219,19 @@ def test_self_attention_rotates_only_given_frequencies(megatron_single_process):
                                msg=_seam("Attention.forward with rotary_pos_emb=None leaves k un-rotated"))
     assert mcore_internals.is_inference_call({"inference_params": object()})
     assert not mcore_internals.is_inference_call({"inference_context": None})
+
+
+def test_attention_helpers_model_attention_uses():
+    """megatron.core.transformer.utils helpers model/attention.py calls with these arguments."""
+    from megatron.core.transformer.utils import is_layer_window_attention, make_sharded_tensors_for_checkpoint
+
+    assert _params(is_layer_window_attention) == ["window_size", "window_attn_skip_freq", "layer_number"], \
+        _seam("is_layer_window_attention(window_size, window_attn_skip_freq, layer_number)")
+    assert [is_layer_window_attention((4, 0), 4, n) for n in (1, 4, 5)] == [True, False, True], \
+        _seam("is_layer_window_attention: every skip_freq-th layer (1-based) attends globally")
+    assert _params(make_sharded_tensors_for_checkpoint)[:4] == \
+        ["state_dict", "prefix", "tensor_parallel_layers_axis_map", "sharded_offsets"], \
+        _seam("make_sharded_tensors_for_checkpoint(state_dict, prefix, tensor_parallel_layers_axis_map, sharded_offsets)")
 
 
 # ============================================================== DDP's gradient buffer on each parameter
