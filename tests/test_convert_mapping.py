@@ -48,7 +48,7 @@ def _dims(**kw):
     m = dict(num_layers=2, hidden_size=H, ffn_hidden_size=12, num_attention_heads=NH, num_query_groups=NG,
              kv_channels=D, vocab_size=200, mtp_num_layers=1, untie_embeddings_and_output_weights=True)
     m.update(kw)
-    return mp.ModelDims(m)
+    return mp.arch_of(m)
 
 
 def test_layernorm_1p_adds_one_on_export_and_removes_it_on_import():
@@ -167,4 +167,4 @@ def test_megatron_lm_args_describe_checkpoints_without_tri_meta():
                               swiglu=True, apply_layernorm_1p=True, mtp_num_layers=None)
     m = meta_from_megatron_args(args)
     assert (m["num_query_groups"], m["kv_channels"], m["vocab_size"], m["rotary_base"]) == (2, 16, 512, 500000.0)
-    assert m["layernorm_zero_centered_gamma"] and mp.ModelDims(m).zero_centered_gamma
+    assert m["layernorm_zero_centered_gamma"] and mp.arch_of(m).layernorm_zero_centered_gamma

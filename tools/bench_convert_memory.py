@@ -63,12 +63,12 @@ def synthesize_hf(m: dict, out: str, seed: int = 0) -> int:
 
     from tri_megatron.convert.hf_config import hf_config_from_meta
     from tri_megatron.convert.hf_io import ShardWriter, TensorSpec
-    from tri_megatron.convert.mapping import ModelDims, expected_hf_shapes
+    from tri_megatron.convert.mapping import arch_of, expected_hf_shapes
 
     os.makedirs(out)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(hf_config_from_meta(m, "float32"), f, indent=2)
-    shapes = expected_hf_shapes(ModelDims(m), m["ffn_hidden_size"], m["ssmax"])
+    shapes = expected_hf_shapes(arch_of(m))
     writer = ShardWriter(out, 1 << 40, [TensorSpec(n, tuple(s), torch.float32) for n, s in shapes.items()])
     g = torch.Generator().manual_seed(seed)
     for name, shape in shapes.items():

@@ -50,6 +50,8 @@ class ModelArch:
     mtp_num_layers: int = 0
     """Multi-token prediction depth D (extra layers after the decoder)."""
     init_method_std: float = 0.02
+    layernorm_zero_centered_gamma: bool = False
+    """Norm weights stored as gamma - 1 (megatron's option; checkpoints written by Megatron-LM may use it)."""
     name: str = "tri"
     """The preset it came from (for logs and metadata only; never compared)."""
 
@@ -125,6 +127,7 @@ class ModelArch:
             kv_channels=self.kv_channels, normalization="RMSNorm", layernorm_epsilon=self.norm_epsilon,
             gated_linear_unit=True, add_bias_linear=False, add_qkv_bias=False, hidden_dropout=0.0,
             attention_dropout=0.0, init_method_std=self.init_method_std,
+            layernorm_zero_centered_gamma=self.layernorm_zero_centered_gamma,
             mtp_num_layers=self.mtp_num_layers or None, no_rope_freq=self.no_rope_freq,
             # megatron's window is (keys before, keys after); ours counts the query itself
             window_size=(self.window_size - 1, 0) if self.window_size else None,

@@ -19,7 +19,7 @@ from typing import Optional
 
 from tri_megatron.convert.hf_config import meta_from_hf_config
 from tri_megatron.convert.hf_io import DTYPES, HFCheckpoint, return_freed_memory
-from tri_megatron.convert.mapping import ModelDims, expected_hf_shapes, hf_to_canonical
+from tri_megatron.convert.mapping import arch_of, expected_hf_shapes, hf_to_canonical
 from tri_megatron.convert.megatron_ckpt import CheckpointError
 from tri_megatron.convert.megatron_writer import write_checkpoint
 from tri_megatron.convert.to_hf import publish, staging_dir
@@ -32,8 +32,8 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
 
 def check_hf(hf: HFCheckpoint, m: dict, tied: bool) -> None:
     """Every tensor the architecture needs is present with its shape, and nothing unknown is."""
-    dims = ModelDims(m)
-    expected = expected_hf_shapes(dims, m["ffn_hidden_size"], m["ssmax"])
+    arch = arch_of(m)
+    expected = expected_hf_shapes(arch)
     if tied:
         expected.pop("lm_head.weight", None)
     problems = []
@@ -95,12 +95,12 @@ def from_hf(hf_dir: str, out_dir: str, target_tp: int = 1, target_pp: int = 1, t
         raise CheckpointError(f"target layout TP={target_tp} PP={target_pp} VPP={target_vpp or 1}: {e}") from None
     tmp = staging_dir(out_dir, overwrite)
     try:
-        dims = ModelDims(m)
+        arch = arch_of(m)
 
         def get(name):  # a tied source has no lm_head: the output layer starts as the embedding
             return hf.get("model.embed_tokens.weight" if name == "lm_head.weight" and tied else name)
 
-        write_checkpoint(tmp, cfg, lambda name: hf_to_canonical(name, get, dims))
+        write_checkpoint(tmp, cfg, lambda name: hf_to_canonical(name, get, arch))
         for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if os.path.isfile(os.path.join(hf_dir, fname)):
                 shutil.copyfile(os.path.join(hf_dir, fname), os.path.join(tmp, fname))

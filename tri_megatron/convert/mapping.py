@@ -199,16 +199,16 @@ def _hf_layer_to_canonical(prefix: str, suffix: str, get, arch: ModelArch) -> to
     return t
 
 
-def expected_hf_shapes(arch: ModelArch, ffn_hidden_size: int, ssmax: bool, drop_mtp: bool = False) -> Dict[str, tuple]:
+def expected_hf_shapes(arch: ModelArch, drop_mtp: bool = False) -> Dict[str, tuple]:
     """Every HF tensor name and shape the export of this architecture contains."""
-    h, f, d = arch.hidden_size, ffn_hidden_size, arch.kv_channels
+    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
     block = {
         "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
         "self_attn.q_proj.weight": (arch.num_attention_heads * d, h), "self_attn.k_proj.weight": (arch.num_query_groups * d, h),
         "self_attn.v_proj.weight": (arch.num_query_groups * d, h), "self_attn.o_proj.weight": (h, arch.num_attention_heads * d),
         "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
     }
-    if ssmax:
+    if arch.ssmax:
         block["self_attn.ssmax_scale"] = (arch.num_attention_heads,)
     shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
     if arch.untie_embeddings_and_output_weights:

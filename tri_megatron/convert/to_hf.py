@@ -52,9 +52,9 @@ def export_plan(ckpt: MegatronCheckpoint, dtype: torch.dtype, drop_mtp: bool) ->
     mapping run on meta tensors, nothing read. Checked against the architecture's expected names."""
     plan = [TensorSpec(hf_name, tuple(ht.shape), dtype)
             for name, t in ckpt.iter_canonical(meta=True)
-            for hf_name, ht in canonical_to_hf(name, t, ckpt.dims, drop_mtp=drop_mtp)]
+            for hf_name, ht in canonical_to_hf(name, t, ckpt.arch, drop_mtp=drop_mtp)]
     m = ckpt.model
-    expected = expected_hf_shapes(ckpt.dims, m["ffn_hidden_size"], bool(m.get("ssmax")), drop_mtp)
+    expected = expected_hf_shapes(ckpt.arch, drop_mtp)
     got = {s.name: s.shape for s in plan}
     if got != {k: tuple(v) for k, v in expected.items()}:  # a mapping bug, never a user error
         raise AssertionError(f"export plans {sorted(set(got.items()) ^ set(expected.items()))[:5]} unexpectedly")
@@ -72,7 +72,7 @@ def write_hf(ckpt: MegatronCheckpoint, out: str, dtype: Optional[torch.dtype], d
     writer = ShardWriter(out, max_shard_size, export_plan(ckpt, dtype, drop_mtp))
     try:
         for name, t in ckpt.iter_canonical():
-            for hf_name, ht in canonical_to_hf(name, t, ckpt.dims, drop_mtp=drop_mtp):
+            for hf_name, ht in canonical_to_hf(name, t, ckpt.arch, drop_mtp=drop_mtp):
                 writer.add(hf_name, ht.to(dtype))
             del t
         weight_map = writer.finish()
@@ -107,7 +107,7 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, drop_mtp: bo
     ckpt = MegatronCheckpoint(ckpt_dir)  # validates before anything is written
     if zero_centered_gamma is not None:
         ckpt.model["layernorm_zero_centered_gamma"] = zero_centered_gamma
-        ckpt.dims.zero_centered_gamma = zero_centered_gamma
+        ckpt.arch.zero_centered_gamma = zero_centered_gamma
     size = parse_size(max_shard_size)
     torch_dtype = DTYPES[dtype] if dtype and dtype != "auto" else None
     tmp = staging_dir(out_dir, overwrite)
