@@ -11,6 +11,11 @@ from __future__ import annotations
 import os
 import socket
 
+# What torchrun and srun set to place a process in a job; a helper process started from a rank (a
+# background conversion) must not inherit them, or it would join its parent's launch.
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+               "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID")
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on at ``host`` now ("" = every interface), for MASTER_PORT and the like."""

@@ -94,7 +94,7 @@ class HFExporter:
         log_path = iter_dir(self.out_dir, iteration) + ".log"
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
-        from tri_megatron.convert.from_hf import LAUNCH_VARS
+        from tri_megatron.local_dist import LAUNCH_VARS
 
         for var in LAUNCH_VARS:
             env.pop(var, None)  # the converter is a single process of its own

@@ -25,9 +25,6 @@ from tri_megatron.convert.megatron_writer import write_checkpoint
 from tri_megatron.convert.to_hf import publish, staging_dir
 
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
-# A parent torchrun / srun's placement variables must not leak into the worker's own launch.
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-               "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID")
 
 
 def check_hf(hf: HFCheckpoint, m: dict, tied: bool) -> None:

@@ -80,17 +80,6 @@ def validate(argv: list, world: int):
     return cfg.replace(training=dataclasses.replace(cfg.training, transformer_impl="local"))
 
 
-def layout_of(cfg):
-    """plan_layout's Layout (perf.layout_model) of a run configuration."""
-    from tri_megatron.perf import layout_model
-
-    par, tr = cfg.parallel, cfg.training
-    rc = tr.recompute_granularity
-    return layout_model.Layout(tp=par.tp, pp=par.pp, vpp=par.model_chunks, cp=par.cp, dp=par.dp,
-                               mbs=tr.micro_batch_size, recompute=rc if rc in ("full", "selective") else None,
-                               sequence_parallel=par.sequence_parallel, distributed_optimizer=par.distributed_optimizer)
-
-
 def roles(pp: int) -> List[List[int]]:
     """Pipeline ranks grouped by the structures they hold: first, the middle ones (identical), last."""
     if pp == 1:
@@ -107,6 +96,8 @@ def run(cfg, world: int, memory_gib: float) -> List[StageReport]:
 
     a = layout_model.Assumptions()
     pp, seq = cfg.parallel.pp, cfg.training.seq_length
+    from tri_megatron.dryrun.compare import layout_of
+
     layout = layout_of(cfg)
     arch = cfg.arch
     m = cfg.num_microbatches

@@ -13,8 +13,18 @@ from __future__ import annotations
 from typing import List
 
 
+def layout_of(cfg):
+    """plan_layout's Layout (perf.layout_model) of a run configuration."""
+    from tri_megatron.perf import layout_model
+
+    par, tr = cfg.parallel, cfg.training
+    rc = tr.recompute_granularity
+    return layout_model.Layout(tp=par.tp, pp=par.pp, vpp=par.model_chunks, cp=par.cp, dp=par.dp,
+                               mbs=tr.micro_batch_size, recompute=rc if rc in ("full", "selective") else None,
+                               sequence_parallel=par.sequence_parallel, distributed_optimizer=par.distributed_optimizer)
+
+
 def compare(cfg, reports) -> List[dict]:
-    from tri_megatron.dryrun import layout_of
     from tri_megatron.perf import layout_model
 
     arch, layout = cfg.arch, layout_of(cfg)
