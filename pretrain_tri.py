@@ -46,7 +46,7 @@ def check_before_start(argv=None):
     return cfg, rt
 
 
-def build_data(cfg, dp_rank: int, dp_size: int):
+def build_run_data(cfg, dp_rank: int, dp_size: int):
     """This data-parallel rank's training and validation data for the run ``cfg``."""
     tr = cfg.training
     if cfg.data.mock_data:
@@ -97,7 +97,7 @@ def main(argv=None) -> list:
         sys.exit(2)
     try:
         try:
-            data = build_data(cfg, parallel_state.get_data_parallel_rank(),
+            data = build_run_data(cfg, parallel_state.get_data_parallel_rank(),
                               parallel_state.get_data_parallel_world_size())
             trainer = Trainer(cfg, rt)
             logger = MetricsLogger(cfg.logging, cfg.training.train_iters, env["rank"])

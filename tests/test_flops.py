@@ -176,7 +176,7 @@ def test_counts_the_matmuls_the_model_executes(megatron_single_process):
     from tri_megatron.model.builder import build_gpt_model
     from tri_megatron.model.config import transformer_config
 
-    cfg = load_run_config(["--mock-data", "--seq-length", "32", "--mtp-num-layers", "1", "--no-fused-mtp-loss"],
+    cfg = load_run_config(["--mock-data", "--seq-length", "32", "--mtp-num-layers", "1", "--no-fused-loss"],
                           world_size=1, rank=0)
     model = build_gpt_model(transformer_config(cfg, False), cfg, False, True, True)
     b, s = 2, cfg.training.seq_length

@@ -65,8 +65,8 @@ def _run(model, cfg, batches, forward_only=False):
 def test_fused_loss_in_megatron_schedule_matches_unfused(megatron_single_process, extra):
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-    fused, cfg, args, wrap_ddp = _build(["--fused-mtp-loss", *extra])
-    ref, ref_cfg, _, _ = _build(["--no-fused-mtp-loss", *extra])
+    fused, cfg, args, wrap_ddp = _build(["--fused-loss", *extra])
+    ref, ref_cfg, _, _ = _build(["--no-fused-loss", *extra])
     ref.load_state_dict(fused.state_dict())
     ddp_fused = wrap_ddp([fused], cfg, args)[0]
     ddp_ref = wrap_ddp([ref], ref_cfg, args)[0]
@@ -93,7 +93,7 @@ def test_fused_loss_in_megatron_schedule_matches_unfused(megatron_single_process
 
 def test_evaluation_computes_no_gradients(megatron_single_process, monkeypatch):
     """forward_only (megatron's evaluation, under no_grad): the fused op runs its logits GEMMs only."""
-    fused, cfg, args, wrap_ddp = _build(["--fused-mtp-loss"])
+    fused, cfg, args, wrap_ddp = _build(["--fused-loss"])
     ddp_fused = wrap_ddp([fused], cfg, args)[0]
     calls = []
     real = fce._chunk_grad_inplace

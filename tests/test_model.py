@@ -143,8 +143,8 @@ def test_fused_loss_under_ddp_accumulates_into_main_grad(megatron_single_process
         cfg = transformer_config(args, False)
         return build_model_chunks(cfg, args, False)[0], cfg, args
 
-    fused, cfg, args = build(["--fused-mtp-loss", *(["--overlap-grad-reduce"] if overlap else [])])
-    ref, _, _ = build(["--no-fused-mtp-loss"])
+    fused, cfg, args = build(["--fused-loss", *(["--overlap-grad-reduce"] if overlap else [])])
+    ref, _, _ = build(["--no-fused-loss"])
     ref.load_state_dict(fused.state_dict())
     ddp = wrap_ddp([fused], cfg, args.parallel)[0]
     tokens = torch.randint(0, args.arch.vocab_size, (2, 32))
@@ -182,7 +182,7 @@ def test_model_on_emulated_kernels_matches_reference_path(megatron_single_proces
     from tri_megatron.model.config import transformer_config
     from tri_megatron.ops import fused_cross_entropy, rope_ssmax
 
-    args = load_run_config(["--mock-data", "--seq-length", "32", "--mtp-num-layers", "1", "--fused-mtp-loss",
+    args = load_run_config(["--mock-data", "--seq-length", "32", "--mtp-num-layers", "1", "--fused-loss",
                        *features], world_size=1, rank=0)
     model = build_model_chunks(transformer_config(args, False), args, False)[0]
     cores = [m for m in model.modules() if hasattr(m, "fuse_rope")]

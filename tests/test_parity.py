@@ -84,7 +84,7 @@ def test_fused_mtp_loss_matches_unfused_path(references, layout):
     """--fused-mtp-loss (main + 2 MTP heads in one chunked op) gives the stock output-layer + CE losses."""
     init, flags, ref, root = references("mtp2")
     nproc, layout_flags = FUSED_LAYOUTS[layout]
-    got = train(nproc, [*flags, *layout_flags, "--fused-mtp-loss", "--train-iters", "3", "--load", init],
+    got = train(nproc, [*flags, *layout_flags, "--fused-loss", "--train-iters", "3", "--load", init],
                 str(root / f"fused-{layout}.jsonl"))
     for r, g in zip(ref, got):
         assert abs(r["lm_loss"] - g["lm_loss"]) <= 1e-5
