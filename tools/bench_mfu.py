@@ -48,11 +48,10 @@ warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 
 import torch  # noqa: E402
 
-from tri_megatron.config.arch import ModelArch  # noqa: E402
 from tri_megatron.local_dist import free_port  # noqa: E402
 from tri_megatron.perf.devices import detect_peak_tflops  # noqa: E402
 from tri_megatron.perf.flops import (  # noqa: E402
-    hardware_flops_per_iteration, model_flops_per_iteration, stage_flops_per_token,
+    hardware_flops_per_iteration, model_flops_per_iteration,
 )
 from tri_megatron.perf.proxy import STAGES  # noqa: E402
 
@@ -66,7 +65,7 @@ BREAKDOWN_KEYS = ("step_s", "schedule_s", "forward_s", "backward_s", "pipeline_p
 
 # ---------------------------------------------------------------------------------- arguments --
 def build_parser():
-    from tri_megatron.arguments import build_parser as training_parser
+    from tri_megatron.config.run import build_parser as training_parser
 
     p = training_parser()
     p.prog = "bench_mfu.py"
@@ -91,8 +90,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    from tri_megatron.arguments import apply_preset
-
+    """The benchmark's options and the training flags (mock data, constant learning rate, as many
+    iterations as it runs)."""
     args = build_parser().parse_args(argv)
     if args.warmup < 0 or args.iters < 1:
         _fail("--iters must be >= 1 and --warmup >= 0")
@@ -101,23 +100,39 @@ def parse_args(argv=None):
     args.mock_data = True
     args.train_iters = args.warmup + args.iters + args.breakdown_iters
     args.lr_decay_style = "constant"
-    return apply_preset(args)
+    return args
 
 
-def _arch(args) -> ModelArch:
-    """The architecture the parsed flags describe."""
-    return ModelArch.from_meta(vars(args))
+def run_config(args, world: int):
+    """The RunConfig (tri_megatron.config) of the training flags on ``world`` GPUs; exit 2 on bad input."""
+    from tri_megatron.config import ArgumentError
+    from tri_megatron.config.run import config_from_namespace
+    from tri_megatron.training.distributed import launch_env
+
+    try:
+        return config_from_namespace(args, world, launch_env()["rank"])
+    except ArgumentError as e:
+        _fail(str(e))
 
 
-def _model_flops(args, tokens: int, attention: str = "causal") -> float:
-    return model_flops_per_iteration(_arch(args), args.seq_length, tokens, attention)
+def _runtime(cfg):
+    """The device decision (tri_megatron.runtime) for ``--device``; exit 2 when it cannot be honoured."""
+    from tri_megatron.runtime import DeviceError, resolve
+    from tri_megatron.training.distributed import launch_env
+
+    try:
+        return resolve(cfg.training.device, local_rank=launch_env()["local_rank"])
+    except DeviceError as e:
+        _fail(str(e))
 
 
-def _hardware_flops(args, tokens: int) -> float:
-    return hardware_flops_per_iteration(
-        _arch(args), args.seq_length, tokens, recompute_granularity=args.recompute_granularity,
-        recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
-        pp=args.pipeline_model_parallel_size, vpp=args.virtual_pipeline_model_parallel_size)
+def _model_flops(cfg, tokens: int, attention: str = "causal") -> float:
+    return model_flops_per_iteration(cfg.arch, cfg.training.seq_length, tokens, attention)
+
+
+def _hardware_flops(cfg, tokens: int) -> float:
+    return hardware_flops_per_iteration(cfg.arch, cfg.training.seq_length, tokens, **cfg.training.recompute(),
+                                        pp=cfg.parallel.pp, vpp=cfg.parallel.vpp)
 
 
 def _fail(msg: str) -> None:
@@ -342,8 +357,8 @@ def print_table(result: dict) -> None:
     sys.stdout.flush()
 
 
-def base_result(args, mode: str, world: int, peak, peak_source) -> dict:
-    arch = _arch(args)
+def base_result(cfg, args, mode: str, world: int, peak, peak_source) -> dict:
+    arch, tr = cfg.arch, cfg.training
     return {
         "tool": "bench_mfu",
         "version": 1,
@@ -352,12 +367,12 @@ def base_result(args, mode: str, world: int, peak, peak_source) -> dict:
         "mode": mode,
         "machine": machine_info(world),
         "model": {
-            "name": args.model,
-            "num_layers": args.num_layers, "hidden_size": args.hidden_size, "ffn_hidden_size": args.ffn_hidden_size,
-            "num_attention_heads": args.num_attention_heads, "num_query_groups": args.num_query_groups,
-            "kv_channels": args.kv_channels, "vocab_size": args.vocab_size,
-            "padded_vocab_size": arch.padded_vocab_size(), "mtp_num_layers": args.mtp_num_layers or 0,
-            "window_size": args.window_size, "parameters": arch.num_parameters(),
+            "name": arch.name,
+            "num_layers": arch.num_layers, "hidden_size": arch.hidden_size, "ffn_hidden_size": arch.ffn_hidden_size,
+            "num_attention_heads": arch.num_attention_heads, "num_query_groups": arch.num_query_groups,
+            "kv_channels": arch.kv_channels, "vocab_size": arch.vocab_size,
+            "padded_vocab_size": arch.padded_vocab_size(), "mtp_num_layers": arch.mtp_num_layers,
+            "window_size": arch.window_size, "parameters": arch.num_parameters(),
         },
         "peak_tflops": peak,
         "peak_source": peak_source,
@@ -365,15 +380,15 @@ def base_result(args, mode: str, world: int, peak, peak_source) -> dict:
                             "causal attention halved, logits per head (main + MTP), padded vocabulary; "
                             "mfu_full_attention: PaLM/torchtitan (attention not halved)",
         "settings": {"warmup": args.warmup, "iters": args.iters, "breakdown_iters": args.breakdown_iters,
-                     "bf16": args.bf16, "recompute_granularity": args.recompute_granularity,
-                     "recompute_method": args.recompute_method, "recompute_num_layers": args.recompute_num_layers,
-                     "transformer_impl": args.transformer_impl},
+                     "bf16": tr.bf16, "recompute_granularity": tr.recompute_granularity,
+                     "recompute_method": tr.recompute_method, "recompute_num_layers": tr.recompute_num_layers,
+                     "transformer_impl": tr.transformer_impl},
     }
 
 
-def _peak(args):
-    if args.peak_tflops:
-        return args.peak_tflops, "flag"
+def _peak(cfg):
+    if cfg.logging.peak_tflops:
+        return cfg.logging.peak_tflops, "flag"
     detected = detect_peak_tflops()
     return detected, ("detected" if detected else None)
 
@@ -382,25 +397,21 @@ def _peak(args):
 def run_layout(args) -> dict:
     from megatron.core import parallel_state
 
-    from tri_megatron.arguments import ArgumentError, validate_args, world_size_from_env
-    from tri_megatron.training.distributed import destroy_distributed, init_distributed
+    from tri_megatron.training.distributed import destroy_distributed, init_distributed, launch_env
     from tri_megatron.training.loop import Trainer
     from tri_megatron.training.mock_data import MockData
 
-    world = world_size_from_env()
-    try:
-        validate_args(args, world)
-        if _arch(args).padded_vocab_size() % args.tensor_model_parallel_size:
-            raise ArgumentError(f"vocabulary {args.vocab_size} does not split over TP={args.tensor_model_parallel_size}")
-    except ArgumentError as e:
-        _fail(str(e))
+    world = launch_env()["world_size"]
+    cfg = run_config(args, world)
+    tr = cfg.training
+    rt = _runtime(cfg)
     if world == 1 and "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
-    env = init_distributed(args)
+    env = init_distributed(cfg.parallel, tr.seed, rt)
     try:
-        data = MockData(args.seq_length, args.vocab_size, args.micro_batch_size,
-                        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(), args.seed)
-        trainer = Trainer(args)
+        data = MockData(tr.seq_length, cfg.arch.vocab_size, tr.micro_batch_size, parallel_state.get_data_parallel_rank(),
+                        parallel_state.get_data_parallel_world_size(), tr.seed, config=cfg.data)
+        trainer = Trainer(cfg, rt)
         it = ([data.train_iterator(0) for _ in trainer.model] if len(trainer.model) > 1 else data.train_iterator(0))
         m = measure(lambda: trainer.train_step(it), args.warmup, args.iters, args.breakdown_iters,
                     trainer.config, trainer.optimizer)
@@ -413,16 +424,16 @@ def run_layout(args) -> dict:
             b = max(per_rank, key=lambda x: x["forward_s"] + x["backward_s"])
         if env["rank"] != 0:
             return {}
-        peak, peak_source = _peak(args)
-        tokens = args.global_batch_size * args.seq_length
+        peak, peak_source = _peak(cfg)
+        tokens = tr.tokens_per_iteration
         step = statistics.median(m["times"])
-        res = base_result(args, "run", world, peak, peak_source)
-        res["layout"] = _layout(args, world)
+        res = base_result(cfg, args, "run", world, peak, peak_source)
+        res["layout"] = _layout(cfg)
         flops = {
-            "model_flops_per_iteration": _model_flops(args, tokens),
-            "hardware_flops_per_iteration": _hardware_flops(args, tokens),
-            "model_flops_per_iteration_full_attention": _model_flops(args, tokens, attention="full"),
-            "model_flops_per_token": _model_flops(args, 1),
+            "model_flops_per_iteration": _model_flops(cfg, tokens),
+            "hardware_flops_per_iteration": _hardware_flops(cfg, tokens),
+            "model_flops_per_iteration_full_attention": _model_flops(cfg, tokens, attention="full"),
+            "model_flops_per_token": _model_flops(cfg, 1),
             "tokens_per_iteration": tokens,
         }
         res["flops"] = flops
@@ -439,26 +450,25 @@ def run_layout(args) -> dict:
             res["breakdown"]["per_rank"] = [finish_breakdown(x) for x in per_rank]
             for x in res["breakdown"]["per_rank"]:
                 x.pop("note")
-        res["calibration"] = _calibration(args, res, flops["hardware_flops_per_iteration"] / world, step, b,
+        res["calibration"] = _calibration(cfg, res, flops["hardware_flops_per_iteration"] / world, step, b,
                                           source="run")
         return res
     finally:
         destroy_distributed()
 
 
-def _layout(args, world) -> dict:
-    dp = args.data_parallel_size
+def _layout(cfg) -> dict:
+    par, tr = cfg.parallel, cfg.training
     return {
-        "tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
-        "vpp": args.virtual_pipeline_model_parallel_size or 1, "cp": args.context_parallel_size, "dp": dp,
-        "sequence_parallel": bool(args.sequence_parallel), "distributed_optimizer": bool(args.use_distributed_optimizer),
-        "micro_batch_size": args.micro_batch_size, "global_batch_size": args.global_batch_size,
-        "seq_length": args.seq_length, "num_microbatches": args.global_batch_size // (args.micro_batch_size * dp),
-        "gpus": world,
+        "tp": par.tp, "pp": par.pp, "vpp": par.model_chunks, "cp": par.cp, "dp": par.dp,
+        "sequence_parallel": par.sequence_parallel, "distributed_optimizer": par.distributed_optimizer,
+        "micro_batch_size": tr.micro_batch_size, "global_batch_size": tr.global_batch_size,
+        "seq_length": tr.seq_length, "num_microbatches": cfg.num_microbatches,
+        "gpus": par.world_size,
     }
 
 
-def _calibration(args, res, hw_flops_per_gpu_iter, step, breakdown, source="run") -> dict:
+def _calibration(cfg, res, hw_flops_per_gpu_iter, step, breakdown, source="run") -> dict:
     """The compute term plan_layout needs: hardware FLOPs / (forward + backward time) / peak."""
     peak = res["peak_tflops"]
     if breakdown and breakdown["forward_s"] + breakdown["backward_s"] > 0:
@@ -468,10 +478,10 @@ def _calibration(args, res, hw_flops_per_gpu_iter, step, breakdown, source="run"
     lay = res["layout"]
     return {
         "source": source,
-        "model": args.model,
+        "model": cfg.arch.name,
         "tp": lay["tp"], "pp": lay["pp"], "vpp": lay["vpp"], "cp": lay["cp"],
         "micro_batch_size": lay["micro_batch_size"], "seq_length": lay["seq_length"],
-        "recompute": args.recompute_granularity, "bf16": bool(args.bf16),
+        "recompute": cfg.training.recompute_granularity, "bf16": cfg.training.bf16,
         "device": res["machine"]["device"], "device_name": res["machine"]["device_name"],
         "peak_tflops": peak,
         "compute_seconds_basis": basis,
@@ -482,50 +492,49 @@ def _calibration(args, res, hw_flops_per_gpu_iter, step, breakdown, source="run"
 
 # --------------------------------------------------------------------------------- proxy mode --
 def run_proxy(args) -> dict:
-    from tri_megatron.arguments import ArgumentError, validate_args, world_size_from_env
     from tri_megatron.model.specs import use_transformer_engine
     from tri_megatron.perf import layout_model
-    from tri_megatron.perf.proxy import ProxyRunner, make_spec, proxy_args, shard_flops_per_token
-    from tri_megatron.training.distributed import destroy_distributed, init_distributed
+    from tri_megatron.perf.proxy import ProxyRunner, make_spec, proxy_config, shard_flops_per_token
+    from tri_megatron.training.distributed import destroy_distributed, init_distributed, launch_env
 
-    if world_size_from_env() != 1:
+    if launch_env()["world_size"] != 1:
         _fail("--proxy-gpus runs the one-GPU shard in a single process; launch without torchrun")
     sp_requested = bool(args.sequence_parallel)
     if sp_requested and not use_transformer_engine(args.transformer_impl):
         args.sequence_parallel = False  # only changes communication and norm work, neither run by the proxy
+    cfg = run_config(args, args.proxy_gpus)
+    tr = cfg.training
     try:
-        validate_args(args, args.proxy_gpus)
-        if _arch(args).padded_vocab_size() % args.tensor_model_parallel_size:
-            raise ArgumentError(f"vocabulary {args.vocab_size} does not split over TP={args.tensor_model_parallel_size}")
-        spec = make_spec(args, args.proxy_gpus, args.proxy_stage, args.proxy_microbatches)
-    except (ArgumentError, ValueError) as e:
+        spec = make_spec(cfg, args.proxy_stage, args.proxy_microbatches)
+    except ValueError as e:
         _fail(str(e))
-    pargs = proxy_args(args, spec)
+    pcfg = proxy_config(cfg, spec)
+    rt = _runtime(cfg)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
-    init_distributed(pargs)
+    init_distributed(pcfg.parallel, tr.seed, rt)
     try:
-        shards = spec.dp * spec.cp if args.use_distributed_optimizer else 1
-        runner = ProxyRunner(pargs, spec, args.proxy_optimizer, optimizer_shards=shards)
+        shards = spec.dp * spec.cp if cfg.parallel.distributed_optimizer else 1
+        runner = ProxyRunner(pcfg, spec, args.proxy_optimizer, optimizer_shards=shards)
         m = measure(runner.train_step, args.warmup, args.iters, args.breakdown_iters, runner.config, runner.optimizer)
         mem, mem_kind = peak_memory()
     finally:
         destroy_distributed()
 
-    peak, peak_source = _peak(args)
+    peak, peak_source = _peak(cfg)
     step = statistics.median(m["times"])
-    per_token = shard_flops_per_token(args, spec)
-    full_per_token = shard_flops_per_token_full_attention(args, spec)
+    per_token = shard_flops_per_token(cfg, spec)
+    full_per_token = shard_flops_per_token(cfg, spec, attention="full")["model"]
     tokens_shard = spec.run_microbatches * spec.micro_batch_size * spec.seq_length
-    res = base_result(args, "proxy", 1, peak, peak_source)
-    res["layout"] = dict(_layout(args, args.proxy_gpus), sequence_parallel=sp_requested)
+    res = base_result(cfg, args, "proxy", 1, peak, peak_source)
+    res["layout"] = dict(_layout(cfg), sequence_parallel=sp_requested)
     res["flops"] = {
         "shard_model_flops_per_token": per_token["model"],
         "shard_hardware_flops_per_token": per_token["hardware"],
         "shard_model_flops_per_iteration": per_token["model"] * tokens_shard,
         "shard_hardware_flops_per_iteration": per_token["hardware"] * tokens_shard,
         "shard_model_flops_per_iteration_full_attention": full_per_token * tokens_shard,
-        "model_flops_per_token": _model_flops(args, 1),
+        "model_flops_per_token": _model_flops(cfg, 1),
         "tokens_through_shard_per_iteration": tokens_shard,
     }
     gpus_sharing = spec.tp * spec.pp * spec.cp  # GPUs that split one token's work in the layout
@@ -543,13 +552,13 @@ def run_proxy(args) -> dict:
     opt = m["breakdown"]["optimizer_s"] if m["breakdown"] else 0.0
     t_mb = (step - opt) / spec.run_microbatches
     t_layout = (spec.num_microbatches + (spec.pp - 1) / spec.vpp) * t_mb + opt
-    total_model = _model_flops(args, args.global_batch_size * args.seq_length)
+    total_model = _model_flops(cfg, tr.tokens_per_iteration)
     layout = layout_model.Layout(
         tp=spec.tp, pp=spec.pp, vpp=spec.vpp, cp=spec.cp, dp=spec.dp, mbs=spec.micro_batch_size,
-        recompute="full" if args.recompute_granularity == "full" else args.recompute_granularity,
-        sequence_parallel=sp_requested, distributed_optimizer=bool(args.use_distributed_optimizer),
-        fused_loss=bool(args.fused_mtp_loss) if args.fused_mtp_loss is not None else torch.cuda.is_available())
-    est_mem = layout_model.memory_per_gpu(_arch(args), args.seq_length, layout, spec.num_microbatches, spec.rank)
+        recompute=tr.recompute_granularity,
+        sequence_parallel=sp_requested, distributed_optimizer=cfg.parallel.distributed_optimizer,
+        fused_loss=bool(tr.fused_loss) if tr.fused_loss is not None else torch.cuda.is_available())
+    est_mem = layout_model.memory_per_gpu(cfg.arch, tr.seq_length, layout, spec.num_microbatches, spec.rank)
     res["proxy"] = {
         "description": spec.describe(),
         "target_gpus": spec.target_gpus, "stage": spec.stage, "pipeline_rank": spec.rank,
@@ -568,21 +577,16 @@ def run_proxy(args) -> dict:
             "microbatch_s": t_mb,
             "iteration_s": t_layout,
             "mfu": total_model / (spec.target_gpus * t_layout * peak * 1e12) if peak else None,
-            "tokens_per_s_per_gpu": args.global_batch_size * args.seq_length / spec.target_gpus / t_layout,
+            "tokens_per_s_per_gpu": tr.tokens_per_iteration / spec.target_gpus / t_layout,
             "note": "every stage at this stage's speed, bubble (PP-1)/VPP micro-batch slots, the measured "
                     "optimizer step, no communication",
         },
         "estimated_layout_memory_gib": est_mem["total_gib"],
         "estimated_layout_memory": est_mem,
     }
-    res["calibration"] = _calibration(args, res, per_token["hardware"] * tokens_shard, step, m["breakdown"],
+    res["calibration"] = _calibration(cfg, res, per_token["hardware"] * tokens_shard, step, m["breakdown"],
                                       source="proxy")
     return res
-
-
-def shard_flops_per_token_full_attention(args, spec) -> float:
-    return stage_flops_per_token(_arch(args), args.seq_length, spec.pp, spec.vpp, spec.rank, tp=spec.tp,
-                                 attention="full")["model"]
 
 
 def main(argv=None) -> dict:

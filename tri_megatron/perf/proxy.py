@@ -27,14 +27,12 @@ micro-batches 1F1B keeps in flight are not held (see ``layout_model.memory_per_g
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from functools import partial
 from typing import Optional
 
 import torch
 
-from tri_megatron.config.arch import ModelArch
 from tri_megatron.perf.flops import stage_flops_per_token, stage_layer_numbers
 
 STAGES = ("first", "middle", "last")
@@ -67,10 +65,10 @@ class ProxySpec:
                 f"vocab {self.shard['vocab_size']} per GPU")
 
 
-def make_spec(args, target_gpus: int, stage: str = "last", run_microbatches: Optional[int] = None) -> ProxySpec:
-    """The shard one GPU holds; ``args`` must be validated for ``target_gpus`` (validate_args)."""
-    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-    vpp = args.virtual_pipeline_model_parallel_size or 1
+def make_spec(cfg, stage: str = "last", run_microbatches: Optional[int] = None) -> ProxySpec:
+    """The shard one GPU holds in the layout of ``cfg`` (a RunConfig validated for the target GPU count)."""
+    par, tr, arch = cfg.parallel, cfg.training, cfg.arch
+    tp, pp, cp, vpp = par.tp, par.pp, par.cp, par.model_chunks
     if cp > 1:
         raise ValueError("the per-GPU proxy does not model context parallelism (attention spans the CP group); "
                          "use --context-parallel-size 1")
@@ -87,59 +85,54 @@ def make_spec(args, target_gpus: int, stage: str = "last", run_microbatches: Opt
         if pp < 3:
             raise ValueError(f"--proxy-stage middle needs --pipeline-model-parallel-size >= 3 (got {pp})")
         rank = pp // 2
-    dp = target_gpus // (tp * pp * cp)
-    m = args.global_batch_size // (args.micro_batch_size * dp)
-    vocab = ModelArch.from_meta(vars(args)).padded_vocab_size()
+    m = cfg.num_microbatches
     shard = {
-        "num_layers": args.num_layers // pp,
-        "hidden_size": args.hidden_size,
-        "num_attention_heads": args.num_attention_heads // tp,
-        "num_query_groups": args.num_query_groups // tp,
-        "kv_channels": args.kv_channels,
-        "ffn_hidden_size": args.ffn_hidden_size // tp,
-        "vocab_size": vocab // tp,
-        "mtp_num_layers": (args.mtp_num_layers or 0) if rank == pp - 1 else 0,
+        "num_layers": arch.num_layers // pp,
+        "hidden_size": arch.hidden_size,
+        "num_attention_heads": arch.num_attention_heads // tp,
+        "num_query_groups": arch.num_query_groups // tp,
+        "kv_channels": arch.kv_channels,
+        "ffn_hidden_size": arch.ffn_hidden_size // tp,
+        "vocab_size": arch.padded_vocab_size() // tp,
+        "mtp_num_layers": arch.mtp_num_layers if rank == pp - 1 else 0,
     }
-    if args.ffn_hidden_size % tp:
-        raise ValueError(f"--ffn-hidden-size {args.ffn_hidden_size} does not split over TP={tp}")
-    return ProxySpec(target_gpus=target_gpus, tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, stage=stage, rank=rank,
-                     layers=stage_layer_numbers(args.num_layers, pp, vpp, rank), pre_process=rank == 0,
+    if arch.ffn_hidden_size % tp:
+        raise ValueError(f"--ffn-hidden-size {arch.ffn_hidden_size} does not split over TP={tp}")
+    return ProxySpec(target_gpus=par.world_size, tp=tp, pp=pp, vpp=vpp, cp=cp, dp=par.dp, stage=stage, rank=rank,
+                     layers=stage_layer_numbers(arch.num_layers, pp, vpp, rank), pre_process=rank == 0,
                      post_process=rank == pp - 1, num_microbatches=m, run_microbatches=run_microbatches or m,
-                     micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, shard=shard)
+                     micro_batch_size=tr.micro_batch_size, seq_length=tr.seq_length, shard=shard)
 
 
-def proxy_args(args, spec: ProxySpec) -> argparse.Namespace:
-    """Flags of the one-process model that is the shard."""
-    p = argparse.Namespace(**vars(args))
-    for k, v in spec.shard.items():
-        setattr(p, k, v)
-    p.tensor_model_parallel_size = p.pipeline_model_parallel_size = p.context_parallel_size = 1
-    p.virtual_pipeline_model_parallel_size = None
-    p.data_parallel_size = 1
-    p.sequence_parallel = False
-    p.use_distributed_optimizer = False
-    p.overlap_grad_reduce = p.overlap_param_gather = False
-    p.untie_embeddings_and_output_weights = True  # a tied pair lives on two ranks; same compute untied
-    p.global_batch_size = spec.micro_batch_size * spec.run_microbatches
-    p.load = p.save = None
-    full = ModelArch.from_meta(vars(args))
-    mtp_numbers = list(range(args.num_layers + 1, args.num_layers + spec.shard["mtp_num_layers"] + 1))
-    if args.no_rope_freq:  # the stage's global layer pattern (megatron: 1 = skip RoPE)
-        p.no_rope_freq = [1 if n % args.no_rope_freq == 0 else 0 for n in spec.layers]
-    if args.window_size and args.window_attn_skip_freq:
-        p.window_attn_skip_freq = [1 if full.is_window_layer(n, args.seq_length) else 0 for n in [*spec.layers, *mtp_numbers]]
-    if args.recompute_granularity == "full" and args.recompute_method == "block" and spec.vpp > 1:
-        per_chunk = args.num_layers // (spec.pp * spec.vpp)
-        p.recompute_num_layers = min(args.recompute_num_layers, per_chunk) * spec.vpp  # same count, merged chunks
-    return p
+def proxy_config(cfg, spec: ProxySpec):
+    """The run configuration of the one-process model that is the shard: the shard's sizes as the
+    architecture, the stage's global iRoPE / sliding-window layer pattern, no parallelism, no checkpoints."""
+    from tri_megatron.config.parallel import ParallelConfig
+
+    arch, tr = cfg.arch, cfg.training
+    shard = dict(spec.shard, untie_embeddings_and_output_weights=True)  # a tied pair lives on two ranks; same compute
+    mtp_numbers = list(range(arch.num_layers + 1, arch.num_layers + spec.shard["mtp_num_layers"] + 1))
+    if arch.no_rope_freq:  # megatron's per-layer form: 1 = skip RoPE
+        shard["no_rope_freq"] = [1 if n % arch.no_rope_freq == 0 else 0 for n in spec.layers]
+    if arch.window_size and arch.window_attn_skip_freq:
+        shard["window_attn_skip_freq"] = [1 if arch.is_window_layer(n, tr.seq_length) else 0
+                                          for n in [*spec.layers, *mtp_numbers]]
+    training = dict(global_batch_size=spec.micro_batch_size * spec.run_microbatches)
+    if tr.recompute_granularity == "full" and tr.recompute_method == "block" and spec.vpp > 1:
+        per_chunk = arch.num_layers // (spec.pp * spec.vpp)
+        training["recompute_num_layers"] = min(tr.recompute_num_layers, per_chunk) * spec.vpp  # merged chunks
+    return cfg.replace(arch=arch.replace(**shard), parallel=ParallelConfig(),
+                       training=dataclasses.replace(tr, **training),
+                       checkpoint=dataclasses.replace(cfg.checkpoint, load=None, save=None))
 
 
-def shard_flops_per_token(args, spec: ProxySpec) -> dict:
-    """Model / hardware FLOPs per token that this GPU does in the target layout."""
-    rc = {"granularity": args.recompute_granularity, "method": args.recompute_method,
-          "recompute_num_layers": args.recompute_num_layers}
-    return stage_flops_per_token(ModelArch.from_meta(vars(args)), args.seq_length, spec.pp, spec.vpp, spec.rank,
-                                 tp=spec.tp, recompute=rc)
+def shard_flops_per_token(cfg, spec: ProxySpec, attention: str = "causal") -> dict:
+    """Model / hardware FLOPs per token that this GPU does in the target layout of ``cfg``."""
+    tr = cfg.training
+    rc = {"granularity": tr.recompute_granularity, "method": tr.recompute_method,
+          "recompute_num_layers": tr.recompute_num_layers}
+    return stage_flops_per_token(cfg.arch, tr.seq_length, spec.pp, spec.vpp, spec.rank, tp=spec.tp, recompute=rc,
+                                 attention=attention)
 
 
 class EmulatedAdam:
@@ -181,45 +174,47 @@ class ProxyRunner:
     shard: 18 bytes per parameter, small shards only).
     """
 
-    def __init__(self, pargs, spec: ProxySpec, optimizer: str = "emulated", optimizer_shards: int = 1):
+    def __init__(self, pcfg, spec: ProxySpec, optimizer: str = "emulated", optimizer_shards: int = 1):
+        """``pcfg``: the shard's run configuration (``proxy_config``)."""
         from megatron.core.enums import ModelType
         from megatron.core.transformer.module import Float16Module
 
         from tri_megatron.model.builder import build_gpt_model
-        from tri_megatron.model.config import transformer_config_from_args
+        from tri_megatron.model.config import transformer_config
         from tri_megatron.model.specs import use_transformer_engine
         from tri_megatron.training.mock_data import micro_batch
         from tri_megatron.training.optimizer import build_optimizer, wrap_ddp
 
-        self.args, self.spec = pargs, spec
-        self.use_te = use_transformer_engine(pargs.transformer_impl)
-        self.config = transformer_config_from_args(pargs, self.use_te)
-        model = build_gpt_model(self.config, pargs, self.use_te, spec.pre_process, spec.post_process)
+        self.cfg, self.spec = pcfg, spec
+        tr = pcfg.training
+        self.use_te = use_transformer_engine(tr.transformer_impl)
+        self.config = transformer_config(pcfg, self.use_te)
+        model = build_gpt_model(self.config, pcfg, self.use_te, spec.pre_process, spec.post_process)
         model.model_type = ModelType.encoder_or_decoder
         self.built_vocab = getattr(model, "vocab_size", None)
         from tri_megatron import runtime
 
         device = runtime.current().device
         model.to(device)  # as build_model_chunks: torch-norm weights and Tri parameters are created on the host
-        if pargs.bf16:
+        if tr.bf16:
             model = Float16Module(self.config, model)
-        self.model = wrap_ddp([model], self.config, pargs)
+        self.model = wrap_ddp([model], self.config, pcfg.parallel)
         self.params = sum(p.numel() for p in self.model[0].parameters())
         self.optimizer_kind = optimizer
         if optimizer == "megatron":
-            self.optimizer = build_optimizer(self.model, self.config, pargs)
+            self.optimizer = build_optimizer(self.model, self.config, pcfg.optim, pcfg.parallel)
         elif optimizer == "emulated":
-            self.optimizer = EmulatedAdam(-(-self.params // optimizer_shards), device, pargs.bf16)
+            self.optimizer = EmulatedAdam(-(-self.params // optimizer_shards), device, tr.bf16)
             self.config.grad_scale_func = None  # bf16 / fp32: no loss scaling
             self.config.finalize_model_grads_func = None  # one process: no gradient to synchronise
         else:
             raise ValueError(f"proxy optimizer {optimizer!r}: emulated or megatron")
         self.optimizer_numel = getattr(self.optimizer, "numel", self.params)
-        batch = micro_batch(range(spec.micro_batch_size), spec.seq_length, pargs.vocab_size, pargs.seed)
+        batch = micro_batch(range(spec.micro_batch_size), spec.seq_length, pcfg.arch.vocab_size, tr.seed)
         self.batch = {k: v.to(device) for k, v in batch.items()}
-        dtype = torch.bfloat16 if pargs.bf16 else torch.float32
-        shape = (spec.seq_length, spec.micro_batch_size, pargs.hidden_size)
-        gen = torch.Generator(device=device).manual_seed(pargs.seed)
+        dtype = torch.bfloat16 if tr.bf16 else torch.float32
+        shape = (spec.seq_length, spec.micro_batch_size, pcfg.arch.hidden_size)
+        gen = torch.Generator(device=device).manual_seed(tr.seed)
         self.hidden_in = None
         if not spec.pre_process:  # stands for the activation received from the previous stage
             self.hidden_in = torch.randn(shape, generator=gen, device=device, dtype=dtype).requires_grad_(True)
