@@ -112,15 +112,6 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def count_parameters(**fields) -> int:
-    """Parameter count of an architecture given as keyword fields (for tools that hold flags, not a
-    ModelArch); ``ModelArch.num_parameters`` is the one formula."""
-    names = {f.name for f in dataclasses.fields(ModelArch)}
-    values = {k: v for k, v in fields.items() if k in names and v is not None}
-    values.setdefault("context_length", fields.get("max_position_embeddings") or 1)
-    return ModelArch(**values).num_parameters()
-
-
 def main() -> None:
     print(f"{'preset':10s} {'parameters':>16s} {'published':>12s}  source")
     for name, p in PRESETS.items():
