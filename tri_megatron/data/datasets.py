@@ -28,13 +28,15 @@ class NoTokenizer:
 
 
 def gpt_config(seed: int, seq_length: int, prefixes: Sequence[str], split: str, cache: str, tokenizer,
-               eod_mask_loss: bool):
+               eod_mask_loss: bool, reset_position_ids: bool = False):
+    """megatron-core computes loss_mask and position_ids (--eod-mask-loss, --reset-position-ids); the
+    attention's document boundaries come from the collated tokens (packing.py), never as an [s, s] mask."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     return GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(list(prefixes), None), split=split,
-        path_to_cache=cache, tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=eod_mask_loss, create_attention_mask=False,
+        path_to_cache=cache, tokenizer=tokenizer, reset_position_ids=reset_position_ids,
+        reset_attention_mask=False, eod_mask_loss=eod_mask_loss, create_attention_mask=False,
     )
 
 

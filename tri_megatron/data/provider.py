@@ -1,7 +1,8 @@
 """The training loop's data contract: flags, validation, and `build_data` -> `DataBundle`.
 
     add_data_args(parser)        --data-path, --data-mixture-schedule, --split, --data-cache-path,
-                                 --tokenizer, --num-workers, --eod-mask-loss
+                                 --tokenizer, --num-workers, --eod-mask-loss, --reset-position-ids,
+                                 --reset-attention-mask, --mock-data (declared by config.DataConfig)
     validate_data_args(args)     ValueError (one line: flag + fix) for bad files, schedule, split, a
                                  --vocab-size below the tokenizer's or the data's (tokenizer_identity.py)
     data_vocab_size(args)        the tokenizer's vocabulary size, or None without --tokenizer
@@ -15,12 +16,15 @@ Megatron's static one. Global sample i -> (prefix, sample) comes from the cached
 data position is just consumed_samples (see sampler.py for the per-rank order).
 
 Micro-batch dict: tokens, labels (next token), loss_mask (float; 1 everywhere, except with
---eod-mask-loss 0 where tokens == EOD, as megatron-core does), position_ids (0..seq-1), domain (index
-into bundle.domains) — each [micro_batch_size, seq_length] (domain: [micro_batch_size]).
+--eod-mask-loss 0 where tokens == EOD, as megatron-core does), position_ids (0..seq-1; restarting after
+each EOD with --reset-position-ids), domain (index into bundle.domains) — each [micro_batch_size,
+seq_length] (domain: [micro_batch_size]); with --reset-attention-mask also cu_seqlens (int32, the
+document boundaries over the micro-batch's tokens sample after sample) and max_seqlen (int), see packing.py.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import os
@@ -95,9 +99,10 @@ def _plan(args) -> _Plan:
     prefixes, weights = _parse_blend(getattr(args, "data_path", None))
     for prefix in prefixes:
         check_indexed_dataset(prefix, "--data-path")
+    from .config import DataConfig
+
+    DataConfig.from_args(args).validate(context_parallel_size=int(getattr(args, "context_parallel_size", 1) or 1))
     tokenizer = TriTokenizer(args.tokenizer) if getattr(args, "tokenizer", None) else None
-    if getattr(args, "eod_mask_loss", False) and tokenizer is None:
-        raise ValueError("--eod-mask-loss: needs --tokenizer to know the EOD id; pass the tokenizer.json")
     schedule = load_schedule(args.data_mixture_schedule) if getattr(args, "data_mixture_schedule", None) else None
     prefix_domains = resolve_domains(prefixes, schedule)
     present = list(dict.fromkeys(prefix_domains))
@@ -107,8 +112,6 @@ def _plan(args) -> _Plan:
     else:
         domains = present
     split_matrix = _parse_split(getattr(args, "split", "98,2,0"))
-    if getattr(args, "num_workers", 0) < 0:
-        raise ValueError(f"--num-workers {args.num_workers}: must be >= 0")
     model_vocab = getattr(args, "vocab_size", None)
     if tokenizer is not None and model_vocab is not None and model_vocab < tokenizer.vocab_size:
         raise ValueError(f"--vocab-size {model_vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
@@ -120,8 +123,11 @@ def _plan(args) -> _Plan:
 
 
 def validate_data_args(args) -> None:
-    """Raises ValueError (one line naming the flag and the fix); does nothing for --mock-data."""
+    """Raises ValueError (one line naming the flag and the fix); for --mock-data only the file-free checks."""
     if getattr(args, "mock_data", False):
+        from .config import DataConfig
+
+        DataConfig.from_args(args).validate(context_parallel_size=int(getattr(args, "context_parallel_size", 1) or 1))
         return
     _plan(args)
 
@@ -152,8 +158,7 @@ def data_vocab_size(args) -> Optional[int]:
     return TriTokenizer(args.tokenizer).vocab_size if getattr(args, "tokenizer", None) else None
 
 
-def _collate(batch):
-    import torch
+def _collate(batch, eod_for_boundaries: Optional[int] = None):
     from torch.utils.data import default_collate
 
     out = default_collate(batch)
@@ -161,6 +166,10 @@ def _collate(batch):
         if key in out:
             out[key] = out[key].long()
     out["loss_mask"] = out["loss_mask"].float()
+    if eod_for_boundaries is not None:  # --reset-attention-mask: the documents of the micro-batch
+        from .packing import add_boundaries
+
+        add_boundaries(out, eod_for_boundaries)
     return out
 
 
@@ -184,13 +193,15 @@ class DataBundle:
     _valid: Dict[str, object] = field(repr=False, default_factory=dict)
     _index: object = field(repr=False, default=None)
     _layout: tuple = (1, 0, 1, 0)  # micro_batch_size, dp_rank, dp_size, num_workers
+    packed: bool = False  # --reset-attention-mask: micro-batches carry cu_seqlens / max_seqlen (packing.py)
 
     def _loader(self, dataset, sampler):
         import torch
 
         mbs, rank, dp, workers = self._layout
+        collate = functools.partial(_collate, eod_for_boundaries=self.eod_id if self.packed else None)
         return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                                collate_fn=_collate, pin_memory=False))
+                                                collate_fn=collate, pin_memory=False))
 
     def train_iterator(self, consumed_samples: int = 0) -> Iterator[dict]:
         """This rank's micro-batches from global sample `consumed_samples` on; ends after train_samples."""
@@ -233,11 +244,14 @@ def build_data(args, *, dp_rank: int, dp_size: int, train_samples: int, eval_sam
     from .schedule import static_schedule
 
     plan = _plan(args)
+    from .config import DataConfig
+
+    data_cfg = DataConfig.from_args(args)
     seq_length, mbs = int(args.seq_length), int(args.micro_batch_size)
     cache = args.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(plan.prefixes[0])), "cache")
     tokenizer = plan.tokenizer or NoTokenizer()
-    config = gpt_config(int(args.seed), seq_length, plan.prefixes, getattr(args, "split", "98,2,0"), cache,
-                        tokenizer, bool(getattr(args, "eod_mask_loss", False)))
+    config = gpt_config(int(args.seed), seq_length, plan.prefixes, data_cfg.split, cache, tokenizer,
+                        data_cfg.eod_mask_loss, data_cfg.reset_position_ids)
     domain_id = {d: i for i, d in enumerate(plan.domains)}
     model_vocab = getattr(args, "vocab_size", None)  # every sample's ids are checked against it (host side)
     prefix_domain_ids = [domain_id[d] for d in plan.prefix_domains]
@@ -310,7 +324,7 @@ def build_data(args, *, dp_rank: int, dp_size: int, train_samples: int, eval_sam
         train_samples=int(train_samples), fingerprint=fingerprint, schedule=schedule,
         prefix_domain_ids=prefix_domain_ids, epochs_per_prefix=epochs,
         _train=train, _valid=valid, _index=index,
-        _layout=(mbs, int(dp_rank), int(dp_size), int(getattr(args, "num_workers", 0) or 0)),
+        _layout=(mbs, int(dp_rank), int(dp_size), data_cfg.num_workers), packed=data_cfg.packed,
     )
     if _is_first_rank():
         logger.info("data: %d prefixes in domains %s; %d train samples (index %s, built in %.2fs); epochs per "
