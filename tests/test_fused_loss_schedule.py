@@ -12,6 +12,7 @@ model declares in forward. Evaluation (forward_only, no grad mode) computes no g
 import pytest
 import torch
 
+from tri_megatron.mcore_internals import clear_mtp_tracker
 from tri_megatron.ops import fused_cross_entropy as fce
 
 LOSS_SCALE = 1024.0
@@ -63,8 +64,6 @@ def _run(model, cfg, batches, forward_only=False):
 @pytest.mark.parametrize("extra", [[], ["--recompute-granularity", "full"], ["--calculate-per-token-loss"]],
                          ids=["plain", "full_recompute", "per_token_loss"])
 def test_fused_loss_in_megatron_schedule_matches_unfused(megatron_single_process, extra):
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
-
     fused, cfg, args, wrap_ddp = _build(["--fused-loss", *extra])
     ref, ref_cfg, _, _ = _build(["--no-fused-loss", *extra])
     ref.load_state_dict(fused.state_dict())
@@ -74,11 +73,11 @@ def test_fused_loss_in_megatron_schedule_matches_unfused(megatron_single_process
 
     before = dict(fce.backward_path_counts)
     got = _run(ddp_fused, cfg, batches)
-    MTPLossLoggingHelper.clean_loss_in_tracker()
+    clear_mtp_tracker()
     assert fce.backward_path_counts["stored"] == before["stored"] + MICRO_BATCHES
     assert fce.backward_path_counts["recomputed"] == before["recomputed"]
     want = _run(ddp_ref, ref_cfg, batches)
-    MTPLossLoggingHelper.clean_loss_in_tracker()
+    clear_mtp_tracker()
     for a, b in zip(got, want):
         torch.testing.assert_close(a["lm loss"], b["lm loss"], rtol=1e-6, atol=1e-6)
     n = 0

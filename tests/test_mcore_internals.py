@@ -5,6 +5,7 @@ long training run. Verified with megatron-core 0.16.1 (our lock) and 0.19.0 (NGC
 focused pass on 0.19 (.ci/ends.sh) runs this file.
 """
 
+import dataclasses
 import inspect
 
 import megatron.core
@@ -91,6 +92,37 @@ def test_attach_mtp_loss_scales_its_gradient_by_the_schedule_scale():
     assert main.grad.tolist() == [8.0, 8.0], _seam("MTPLossAutoScaler passes the main loss's gradient through")
     # the MTP loss gets the schedule's scale, independent of the main loss's upstream gradient
     assert mtp.grad.tolist() == [0.75, 0.75], _seam("MTPLossAutoScaler's MTP gradient = main_loss_backward_scale")
+
+
+def _mtp_loss_source() -> str:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import multi_token_prediction
+
+    fn = getattr(multi_token_prediction, "process_mtp_loss", None)
+    return inspect.getsource(fn) if fn is not None else inspect.getsource(GPTModel._postprocess)
+
+
+def test_mtp_loss_normalisation_matches_the_release():
+    """The arithmetic the fused loss reproduces (tests/test_fused_loss_schedule.py checks the gradients in
+    megatron's schedule against the stock model on both releases; this names the seam)."""
+    src = " ".join(_mtp_loss_source().split())
+    n, orig, x = torch.tensor(4.0), torch.tensor(6.0), torch.tensor(2.0)
+    if RELEASE >= (0, 19):
+        assert "original_num_tokens / num_tokens_safe" in src and "num_tokens.clamp(min=1)" in src, \
+            _seam("MTP loss normalisation (0.19: per-token loss x original / rolled tokens, counts clamped)")
+        assert float(mcore_internals.normalize_mtp_loss(x, True, n, orig)) == 3.0
+        assert float(mcore_internals.normalize_mtp_loss(x, False, torch.tensor(0.0), orig)) == 2.0
+        assert float(mcore_internals.mtp_loss_for_log(x, torch.tensor(0.0))) == 0.0
+    else:
+        assert "mtp_loss_scale * mtp_loss / num_tokens" in src and "original_num_tokens" not in src, \
+            _seam("MTP loss normalisation (<= 0.18: per-token loss as is, else / rolled tokens)")
+        assert float(mcore_internals.normalize_mtp_loss(x, True, n, orig)) == 2.0
+        assert float(mcore_internals.mtp_loss_for_log(x, n)) == 0.5
+    assert float(mcore_internals.normalize_mtp_loss(x, False, n, orig)) == 0.5
+    assert mcore_internals.mtp_heads_detached(_tiny_config(num_layers=1)) is False
+    if RELEASE >= (0, 19):  # the fused loss leaves detached MTP heads to megatron's own path
+        fields = {f.name for f in dataclasses.fields(_tiny_config(num_layers=1))}
+        assert "mtp_detach_heads" in fields, _seam("TransformerConfig.mtp_detach_heads (0.19)")
 
 
 # ====================================================================== the class-global MTP loss tracker
@@ -464,3 +496,20 @@ def test_set_attention_modules():
     assert ours.submodules.self_attention.module is _RecordingCoreAttention
     assert ours.submodules.self_attention.submodules.core_attention is _RecordingCoreAttention
     assert spec.submodules.self_attention.module is SelfAttention  # a copy: megatron's spec untouched
+
+
+# ===================================================================== used outside this module (pinned only)
+def test_exhaustive_blending_indices():
+    """data/datasets.py's exhaustive_blend calls megatron's compiled dataset helper directly: every sample
+    of every dataset exactly once, each dataset's in order."""
+    import numpy as np
+    from megatron.core.datasets import helpers
+
+    sizes = np.array([3, 1, 2], dtype=np.int64)
+    di, dsi = np.zeros(6, dtype=np.int16), np.zeros(6, dtype=np.int64)
+    try:
+        helpers.build_exhaustive_blending_indices(di, dsi, sizes, len(sizes))
+    except (AttributeError, TypeError) as e:
+        pytest.fail(_seam(f"datasets.helpers.build_exhaustive_blending_indices(di, dsi, sizes, n): {e}"))
+    for d, n in enumerate(sizes):
+        assert dsi[di == d].tolist() == list(range(n)), _seam("exhaustive blending: each sample once, in order")

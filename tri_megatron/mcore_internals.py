@@ -15,6 +15,10 @@ Model (``model/fused_loss.py``, ``model/config.py``, ``model/attention.py``):
 * ``roll_tensor`` / ``MTPLossAutoScaler`` (module internals of ``multi_token_prediction``): ``mtp_roll_left``
   (returns the rolled tensor and the token count of the rolled mask) and ``attach_mtp_loss``. Unchanged
   0.16 -> 0.19.
+* the MTP loss arithmetic the fused loss reproduces: 0.19 moved it to ``process_mtp_loss`` and changed it --
+  with ``calculate_per_token_loss`` each depth's loss is multiplied by (tokens before the roll / tokens
+  after it), token counts are clamped to >= 1 and the logged mean is 0 without tokens; ``mtp_detach_heads``
+  is new. ``normalize_mtp_loss``, ``mtp_loss_for_log``, ``mtp_heads_detached``.
 * the class-global MTP loss tracker (``MTPLossLoggingHelper.tracker``): 0.16 stores per-depth losses
   under ``"values"`` via ``save_loss_to_tracker``; 0.19 under ``"loss_values"`` (plus acceptance counts)
   via ``save_metrics_to_tracker``. ``record_mtp_loss``, ``take_mtp_losses``, ``clear_mtp_tracker``.
@@ -124,6 +128,35 @@ def mtp_roll_left(tensor: torch.Tensor, cp_group=None, packed_seq_params=None):
     from megatron.core.transformer.multi_token_prediction import roll_tensor
 
     return roll_tensor(tensor, shifts=-1, dims=-1, cp_group=cp_group, packed_seq_params=packed_seq_params)
+
+
+def normalize_mtp_loss(scaled_loss, per_token_loss: bool, num_tokens: torch.Tensor,
+                       original_num_tokens: torch.Tensor):
+    """Depth d's ``mtp_loss_scaling_factor / D`` x masked per-token loss (or that factor alone), normalised
+    as megatron-core does before attaching it to the backward, with the same arithmetic: ``num_tokens`` the
+    rolled mask's tokens, ``original_num_tokens`` the loss mask's before any roll.
+
+    Up to 0.18 (``GPTModel._postprocess``): unchanged with ``calculate_per_token_loss``, else
+    ``/ num_tokens``. 0.19 (``multi_token_prediction.process_mtp_loss``): ``* (original / max(num_tokens,
+    1))`` with ``calculate_per_token_loss`` (finalize_model_grads divides by the main loss's tokens), else
+    ``/ max(num_tokens, 1)``."""
+    if _release() >= (0, 19):
+        safe = torch.clamp(num_tokens, min=1)
+        return scaled_loss * (original_num_tokens / safe) if per_token_loss else scaled_loss / safe
+    return scaled_loss if per_token_loss else scaled_loss / num_tokens
+
+
+def mtp_loss_for_log(mtp_loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """Depth d's logged mean loss as megatron-core computes it: ``sum / num_tokens`` up to 0.18, 0.19 gives
+    0 (not NaN) for a micro-batch without MTP tokens."""
+    if _release() >= (0, 19):
+        return mtp_loss_sum * (num_tokens > 0).to(mtp_loss_sum.dtype) / torch.clamp(num_tokens, min=1)
+    return mtp_loss_sum / num_tokens
+
+
+def mtp_heads_detached(config) -> bool:
+    """0.19's ``mtp_detach_heads``: the MTP heads' output weight gets no gradient (absent up to 0.18)."""
+    return bool(getattr(config, "mtp_detach_heads", False))
 
 
 def attach_mtp_loss(main_loss: torch.Tensor, mtp_loss: torch.Tensor) -> torch.Tensor:

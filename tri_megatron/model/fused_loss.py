@@ -16,8 +16,8 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
-from tri_megatron.mcore_internals import (attach_mtp_loss, in_ddp_grad_buffer, mtp_block_inputs, mtp_roll_left,
-                                          record_mtp_loss)
+from tri_megatron.mcore_internals import (attach_mtp_loss, in_ddp_grad_buffer, mtp_block_inputs, mtp_heads_detached,
+                                          mtp_loss_for_log, mtp_roll_left, normalize_mtp_loss, record_mtp_loss)
 from tri_megatron.ops.fused_cross_entropy import fused_mtp_cross_entropy
 
 
@@ -27,7 +27,8 @@ class FusedLossGPTModel(GPTModel):
                      rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None, **kwargs):
         # megatron-core adds keyword arguments to _postprocess between releases (0.19: padding_mask,
         # output_processor...): the ones we do not use pass through untouched (see mcore_internals).
-        if labels is None or kwargs.get("inference_context") is not None or not self.post_process:
+        if labels is None or kwargs.get("inference_context") is not None or not self.post_process \
+                or mtp_heads_detached(self.config):
             return super()._postprocess(
                 hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
                 mtp_in_postprocess=mtp_in_postprocess, loss_mask=loss_mask, **kwargs)
@@ -71,8 +72,9 @@ class FusedLossGPTModel(GPTModel):
         # exact but recomputes the weight gradient (tri_megatron.ops.fused_cross_entropy).
         per_token = self.config.calculate_per_token_loss
         mtp_scale = self.config.mtp_loss_scaling_factor / depth if depth else 1.0
+        original_tokens = loss_mask.sum()  # megatron normalises each depth's loss differently by release
         upstream = [1.0 if per_token else 1.0 / torch.clamp(loss_mask.float().sum().to(torch.int), min=1)]
-        upstream += [mtp_scale if per_token else mtp_scale / token_counts[i] for i in range(depth)]
+        upstream += [normalize_mtp_loss(mtp_scale, per_token, token_counts[i], original_tokens) for i in range(depth)]
         losses = fused_mtp_cross_entropy(list(heads), weight, labels_list, loss_masks=masks, tp_group=tp_group,
                                          upstream_weights=upstream, accumulate_into_main_grad=into_main_grad)
 
@@ -80,11 +82,8 @@ class FusedLossGPTModel(GPTModel):
         for i in range(depth):
             mtp_loss = masks[i + 1] * losses[i + 1]
             if self.training:
-                record_mtp_loss(torch.sum(mtp_loss) / token_counts[i], i, depth,
+                record_mtp_loss(mtp_loss_for_log(torch.sum(mtp_loss), token_counts[i]), i, depth,
                                 avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-            scale = self.config.mtp_loss_scaling_factor / depth
-            if self.config.calculate_per_token_loss:
-                main_loss = attach_mtp_loss(main_loss, scale * mtp_loss)
-            else:
-                main_loss = attach_mtp_loss(main_loss, scale * mtp_loss / token_counts[i])
+            main_loss = attach_mtp_loss(
+                main_loss, normalize_mtp_loss(mtp_scale * mtp_loss, per_token, token_counts[i], original_tokens))
         return main_loss
