@@ -41,7 +41,11 @@ def check_before_start(argv=None):
         hint = " (found in --save: auto-resume; use a new --save directory to start afresh)"
         check_load_fits(cfg, hint if cfg.checkpoint.auto_resume else "")
     except ArgumentError as e:
-        print(f"pretrain_tri.py: error: {e}", file=sys.stderr)
+        from tri_megatron.training.distributed import launch_env
+
+        # every rank parses the same command line: rank 0 says it once (a device error is per rank)
+        if launch_env()["rank"] == 0 or "(rank " in str(e):
+            print(f"pretrain_tri.py: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     return cfg, rt
 
@@ -95,6 +99,10 @@ def main(argv=None) -> list:
             print(f"pretrain_tri.py: error: {locked}", file=sys.stderr)
         destroy_distributed()
         sys.exit(2)
+    if env["rank"] == 0:  # the resolved configuration, as stored in every checkpoint's tri_meta.json
+        from tri_megatron.config.record import describe
+
+        print(describe(cfg), flush=True)
     try:
         try:
             data = build_run_data(cfg, parallel_state.get_data_parallel_rank(),

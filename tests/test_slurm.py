@@ -160,7 +160,12 @@ def test_sbatch_scripts_launch_valid_layouts(script, nodes, extra):
     train_args = words[words.index("pretrain_tri.py") + 1:]
     assert "--slurm-requeue" in train_args and "--save" in train_args
     # validate the layout for the full world size, with mock data standing in for the files
-    check = _without(train_args, ("--data-path", "--tokenizer", "--data-cache-path", "--split")) + ["--mock-data"]
+    from tri_megatron.config import build_parser
+    from tri_megatron.config.config_file import expand
+
+    assert "--config" in train_args  # model, layout and schedule come from examples/configs/
+    flat = expand(build_parser(), train_args)  # the file's flags, then the script's (which override them)
+    check = _without(flat, ("--data-path", "--tokenizer", "--data-cache-path", "--split")) + ["--mock-data"]
     if not transformer_engine_available():
         check.remove("--sequence-parallel")  # needs TE's norms; validated on GPU machines only
     cfg = load_run_config(check, world_size=8 * nodes, rank=0, check_disk=False)

@@ -18,6 +18,8 @@ class OptimConfig:
     lr_decay_iters: int = 1
     lr_decay_style: str = "cosine"
     lr_wsd_decay_iters: Optional[int] = None
+    lr_wsd_decay_style: str = "linear"
+    """WSD's decay shape (megatron-core's scheduler: linear, cosine, exponential, minus_sqrt)."""
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -31,9 +33,12 @@ class OptimConfig:
         g.add_argument("--min-lr", type=float, default=0.0)
         g.add_argument("--lr-warmup-iters", type=int, default=0)
         g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-        g.add_argument("--lr-decay-style", choices=["cosine", "linear", "WSD", "constant"], default="cosine")
+        g.add_argument("--lr-decay-style", choices=["cosine", "linear", "WSD", "constant", "inverse-square-root"],
+                       default="cosine")
         g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
                        help="WSD: length of the final decay phase (default 10%% of --lr-decay-iters)")
+        g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"],
+                       default="linear", help="WSD: shape of the final decay (Megatron's default is exponential)")
         g.add_argument("--weight-decay", type=float, default=0.1)
         g.add_argument("--adam-beta1", type=float, default=0.9)
         g.add_argument("--adam-beta2", type=float, default=0.95)

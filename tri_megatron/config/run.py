@@ -16,8 +16,8 @@ import dataclasses
 from typing import Optional, Tuple
 
 from tri_megatron import test_hooks
-from tri_megatron import test_hooks
 from tri_megatron.config.arch import ModelArch
+from tri_megatron.config import config_file, megatron_flags
 from tri_megatron.config.checkpoint import CheckpointConfig
 from tri_megatron.config.errors import ArgumentError
 from tri_megatron.config.fault import FaultConfig
@@ -43,6 +43,8 @@ class RunConfig:
     export: ExportConfig
     inject_nan_at_iter: Tuple[int, ...] = ()
     """Test hook (tri_megatron.test_hooks): make the loss NaN at these iterations."""
+    megatron_flags: Tuple[str, ...] = ()
+    """The Megatron-LM flags the command line gave (config/megatron_flags.py), as written."""
 
     def replace(self, **parts) -> "RunConfig":
         return dataclasses.replace(self, **parts)
@@ -63,8 +65,18 @@ class RunConfig:
                 for f, v in ((f, getattr(self, f.name)) for f in dataclasses.fields(self))}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one ArgumentError (printed as one line, on rank 0, by
+    pretrain_tri.py) instead of the usage text on every rank."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments"):
+            message += " (pretrain_tri.py --help lists the flags; README: Coming from Megatron-LM)"
+        raise ArgumentError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="pretrain_tri.py",
         description="Pretrain a Tri model on megatron-core (any TP/PP/VPP/CP/DP layout).",
         allow_abbrev=False,
@@ -79,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     FaultConfig.add_flags(p)
     ExportConfig.add_flags(p)
     test_hooks.add_flags(p)
+    megatron_flags.add_flags(p)
+    p.add_argument(config_file.FLAG, metavar="RUN.yaml",
+                   help="flags from a YAML file (keys: flag names without dashes); the command line overrides them")
     return p
 
 
@@ -95,6 +110,7 @@ def _one_line(fn, *a, **kw):
 def config_from_namespace(ns: argparse.Namespace, world_size: int, rank: int = 0,
                           check_disk: bool = True) -> RunConfig:
     """Resolve, validate and (with ``check_disk``) check the files a parsed command line names."""
+    megatron_flags.apply(ns)
     data = DataConfig.from_args(ns)
     tokenizer_vocab = None
     if ns.vocab_size is None and data.tokenizer:  # the model's vocabulary follows the tokenizer
@@ -103,12 +119,14 @@ def config_from_namespace(ns: argparse.Namespace, world_size: int, rank: int = 0
         tokenizer_vocab = _one_line(data_vocab_size, data)
     arch = model_flags.resolve_arch(ns, tokenizer_vocab)
     parallel = ParallelConfig.from_args(ns, world_size)
+    megatron_flags.check_arch(ns, arch, parallel.tp)
     training = TrainingConfig.from_args(ns, arch)
     cfg = RunConfig(
         arch=arch, parallel=parallel, training=training, optim=OptimConfig.from_args(ns, training.train_iters),
         data=data, checkpoint=CheckpointConfig.from_args(ns), fault=FaultConfig.from_args(ns),
         logging=LoggingConfig.from_args(ns), export=ExportConfig.from_args(ns),
         inject_nan_at_iter=tuple(getattr(ns, "inject_nan_at_iter", None) or ()),
+        megatron_flags=megatron_flags.record(ns),
     )
     validate(cfg)
     if check_disk:
@@ -146,4 +164,8 @@ def load_run_config(argv: Optional[list] = None, world_size: Optional[int] = Non
         env = launch_env()
         world_size = env["world_size"] if world_size is None else world_size
         rank = env["rank"] if rank is None else rank
-    return config_from_namespace(build_parser().parse_args(argv), world_size, rank, check_disk)
+    import sys
+
+    parser = build_parser()
+    argv = config_file.expand(parser, sys.argv[1:] if argv is None else argv)
+    return config_from_namespace(parser.parse_args(argv), world_size, rank, check_disk)

@@ -19,10 +19,13 @@ class TrainingConfig:
     micro_batch_size: int = 2
     global_batch_size: int = 8
     train_iters: int = 20
+    """Default 20 (--train-iters, or --train-samples / --global-batch-size)."""
     seed: int = 1234
     device: str = "auto"
     bf16: bool = False
     transformer_impl: str = "auto"
+    attention_backend: str = "auto"
+    """megatron-core's AttnBackend for Transformer Engine's attention (flash, fused or auto)."""
     fused_loss: Optional[bool] = None
     """Fused chunked softmax cross-entropy for the main and MTP heads (None: on where the CUDA kernel is built)."""
     mtp_loss_scaling_factor: float = 0.1
@@ -58,11 +61,14 @@ class TrainingConfig:
         g.add_argument("--micro-batch-size", type=int, default=2)
         g.add_argument("--global-batch-size", type=int, default=8)
         g.add_argument("--seq-length", type=int, help="default: the model's context length")
-        g.add_argument("--train-iters", type=int, default=20)
+        g.add_argument("--train-iters", type=int, default=None, help="default 20 (or --train-samples)")
         g.add_argument("--seed", type=int, default=1234)
         g.add_argument("--bf16", action="store_true")
         g.add_argument("--transformer-impl", choices=["auto", "transformer_engine", "local"], default="auto",
                        help="auto: Transformer Engine spec when TE imports, local (torch SDPA) otherwise")
+        g.add_argument("--attention-backend", choices=["auto", "flash", "fused", "unfused", "local"], default="auto",
+                       help="Transformer Engine's attention backend (megatron-core's AttnBackend): auto, flash or "
+                            "fused; unfused/local are refused (megatron's unfused attention is never used)")
         g.add_argument("--fused-loss", "--fused-mtp-loss", dest="fused_loss", action="store_true", default=None,
                        help="fused chunked softmax cross-entropy for the main head and the MTP heads (default: on "
                             "where the kernel is built); --fused-mtp-loss is the older name")
@@ -83,6 +89,8 @@ class TrainingConfig:
         recomputation's method and layer count."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: getattr(ns, k) for k in names if hasattr(ns, k)}
+        if values.get("train_iters") is None:
+            values["train_iters"] = 20
         if values.get("seq_length") is None:
             values["seq_length"] = arch.context_length
         if ns.recompute_granularity == "full":
@@ -123,6 +131,10 @@ class TrainingConfig:
             raise ArgumentError(
                 f"--seq-length {self.seq_length} must be divisible by TP (with --sequence-parallel) and by 2 x CP; "
                 f"adjust it")
+        if self.attention_backend in ("unfused", "local"):
+            raise ArgumentError(f"--attention-backend {self.attention_backend}: megatron's unfused attention is never "
+                                f"used here (core attention is Transformer Engine's or torch SDPA); use auto, flash "
+                                f"or fused")
         if self.recompute_method and self.recompute_granularity != "full":
             raise ArgumentError("--recompute-method applies to --recompute-granularity full; add it or drop the method")
         if self.fp8_format:

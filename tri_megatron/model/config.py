@@ -11,6 +11,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from tri_megatron.mcore_internals import extend_no_rope_freq_for_mtp, wgrad_fusion_available
@@ -63,6 +64,7 @@ def transformer_config(cfg, use_te: bool, rt=None) -> TriTransformerConfig:
         bf16=tr.bf16,
         autocast_dtype=dtype,
         calculate_per_token_loss=tr.calculate_per_token_loss,
+        attention_backend=AttnBackend[tr.attention_backend],  # TE's attention picks its backend from it
         # On an accelerator the weights are created and initialised there (each TP rank draws its own
         # shard from megatron's model-parallel RNG); on CPU megatron's CPU path draws the full weight
         # then splits it. Parity across layouts is tested from one initial checkpoint either way.

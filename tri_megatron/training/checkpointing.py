@@ -108,8 +108,11 @@ def checkpoint_meta(cfg, iteration: int, consumed_samples: int, runtime: dict, h
     """The contents of a checkpoint's tri_meta.json (the architecture, layout and runtime that wrote it);
     ``cfg`` is the RunConfig."""
     model_meta = dict(cfg.arch.meta(), seq_length=cfg.training.seq_length)
+    from tri_megatron.config.record import run_config_record
+
     return {"iteration": iteration, "consumed_samples": consumed_samples, "layout": cfg.parallel.meta(),
-            "runtime": runtime, "model": model_meta, "has_optimizer": has_optimizer}
+            "runtime": runtime, "model": model_meta, "has_optimizer": has_optimizer,
+            "run_config": run_config_record(cfg)}  # the resolved configuration (config/record.py)
 
 
 _OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}

@@ -75,5 +75,5 @@ def build_scheduler(optimizer, optim, global_batch_size: int, train_iters: int) 
         wd_incr_steps=train_iters * gbs,
         wd_incr_style="constant",
         wsd_decay_steps=wsd_decay * gbs if wsd_decay else None,
-        lr_wsd_decay_style="linear" if decay_style == "WSD" else None,
+        lr_wsd_decay_style=optim.lr_wsd_decay_style if decay_style == "WSD" else None,
     )

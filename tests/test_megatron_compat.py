@@ -1,0 +1,121 @@
+"""Megatron-LM compatibility (tri_megatron/config/megatron_flags.py): a pretrain_gpt.py command line is
+accepted with Megatron's meaning, checked against the preset, or refused in one line; argument errors are
+one line, printed once under torchrun."""
+
+import math
+
+import pytest
+import torch
+
+from launcher import TINY, run
+from tri_megatron.config import ArgumentError, load_run_config
+from tri_megatron.config.megatron_flags import MEGATRON_FLAGS
+
+# What a Megatron-LM user's pretrain_gpt.py script passes (Llama-style model, sample-based schedule).
+MEGATRON_ARGS = [
+    "--use-mcore-models", "--group-query-attention", "--swiglu", "--normalization", "RMSNorm",
+    "--untie-embeddings-and-output-weights", "--position-embedding-type", "rope", "--disable-bias-linear",
+    "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--use-flash-attn", "--distributed-backend", "nccl",
+    "--ckpt-format", "torch_dist", "--attention-backend", "fused", "--make-vocab-size-divisible-by", "128",
+    "--train-samples", "160", "--lr-decay-samples", "120", "--lr-warmup-samples", "16",
+    "--lr-decay-style", "WSD", "--lr-wsd-decay-style", "exponential", "--lr-wsd-decay-samples", "40",
+    "--no-masked-softmax-fusion", "--init-method-std", "0.01", "--weight-decay", "0.05",
+]
+
+
+def _cfg(argv, world_size=1):
+    return load_run_config([*TINY, *argv], world_size=world_size, rank=0, check_disk=False)
+
+
+def test_megatron_command_line_resolves_with_megatron_meaning():
+    cfg = _cfg(MEGATRON_ARGS)  # TINY: global batch 8
+    assert cfg.training.train_iters == 20  # 160 samples / 8
+    assert cfg.optim.lr_decay_iters == 15 and cfg.optim.lr_warmup_iters == 2 and cfg.optim.lr_wsd_decay_iters == 5
+    assert cfg.optim.lr_decay_style == "WSD" and cfg.optim.lr_wsd_decay_style == "exponential"
+    assert cfg.training.attention_backend == "fused"
+    assert cfg.arch.init_method_std == 0.01 and cfg.optim.weight_decay == 0.05
+    assert "--train-samples 160" in cfg.megatron_flags and "--swiglu" in cfg.megatron_flags
+
+
+def test_attention_backend_reaches_megatron_core():
+    from megatron.core.transformer.enums import AttnBackend
+
+    from tri_megatron.model.config import transformer_config
+    from tri_megatron.runtime import resolve
+
+    cfg = _cfg(["--attention-backend", "flash"])
+    assert transformer_config(cfg, use_te=False, rt=resolve("cpu")).attention_backend == AttnBackend.flash
+
+
+def test_wsd_decay_style_reaches_the_scheduler():
+    """--lr-wsd-decay-style shapes the WSD tail: at the tail's midpoint linear is halfway between lr and
+    min-lr; exponential has fallen further."""
+    from tri_megatron.training.optimizer import build_scheduler
+
+    lrs = {}
+    for style in ("linear", "exponential"):
+        cfg = _cfg(["--train-iters", "20", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "10",
+                    "--lr", "1.0", "--min-lr", "0.0", "--lr-wsd-decay-style", style])
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = build_scheduler(opt, cfg.optim, cfg.training.global_batch_size, cfg.training.train_iters)
+        sched.step(increment=15 * cfg.training.global_batch_size)  # halfway through the 10-iteration tail
+        lrs[style] = opt.param_groups[0]["lr"]
+    assert math.isclose(lrs["linear"], 0.5, rel_tol=1e-6)
+    assert lrs["exponential"] < 0.5 - 1e-3
+
+
+@pytest.mark.parametrize("flag,value", [("--normalization", "LayerNorm"),
+                                        ("--position-embedding-type", "learned_absolute")])
+def test_contradicting_architecture_names_the_preset(flag, value):
+    with pytest.raises(ArgumentError, match=f"{flag} {value} contradicts the tri-tiny preset"):
+        _cfg([flag, value])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--fp16"], "--fp16: refused: .*--bf16"),
+    (["--num-experts", "8"], "--num-experts: refused: Tri models are dense"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], "HuggingFaceTokenizer"),
+    (["--ckpt-format", "torch"], "only torch_dist"),
+    (["--attention-dropout", "0.1"], "without dropout"),
+    (["--attention-backend", "local"], "unfused attention is never used"),
+    (["--train-samples", "81"], "not a whole number of iterations of --global-batch-size 8"),
+    (["--train-samples", "80", "--train-iters", "10"], "pass one of them"),
+    (["--train-iters", "10", "--lr-warmup-fraction", "0.05"], "--lr-warmup-iters 0"),
+    (["--make-vocab-size-divisible-by", "100"], "pads to a multiple of 128"),
+    (["--vocab-file", "gpt2-vocab.json"], "tokenizer.json"),
+])
+def test_unsupported_is_refused_in_one_line(argv, match):
+    with pytest.raises(ArgumentError, match=match) as e:
+        _cfg(argv)
+    assert "\n" not in str(e.value)
+
+
+def test_warmup_fraction_converts_exactly():
+    cfg = _cfg(["--train-iters", "40", "--lr-warmup-fraction", "0.05"])
+    assert cfg.optim.lr_warmup_iters == 2
+
+
+def test_vocab_divisor_that_pads_like_ours_is_accepted_at_tp2():
+    assert _cfg(["--make-vocab-size-divisible-by", "64", "--tensor-model-parallel-size", "2"],
+                world_size=2).arch.padded_vocab_size(2) == 1024
+
+
+def test_tokenizer_model_is_tokenizer():
+    cfg = _cfg(["--tokenizer-model", "/data/tok", "--vocab-size", "1024"])
+    assert cfg.data.tokenizer == "/data/tok"
+
+
+def test_table_has_no_duplicates_and_every_kind_has_a_reason():
+    flags = [f.flag for f in MEGATRON_FLAGS]
+    assert len(flags) == len(set(flags))
+    assert all(f.kind in ("accepted", "checked", "ignored", "refused") and f.reason for f in MEGATRON_FLAGS)
+
+
+def test_argument_error_is_one_line_once_under_torchrun():
+    """An unknown flag under torchrun (2 ranks): one error line in all, no usage text."""
+    proc = run(2, [*TINY, "--train-iters", "1", "--no-such-flag"], check=False, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line and "pretrain_tri.py" in line]
+    assert errors == ["pretrain_tri.py: error: unrecognized arguments: --no-such-flag (pretrain_tri.py --help "
+                      "lists the flags; README: Coming from Megatron-LM)"], proc.stderr[-3000:]
+    assert "usage:" not in proc.stderr and "usage:" not in proc.stdout
