@@ -9,13 +9,19 @@ elsewhere) before the attention kernel.
 ``SDPACoreAttention`` replaces megatron-core's unfused local ``DotProductAttention`` when
 Transformer Engine is absent: it calls ``torch.nn.functional.scaled_dot_product_attention`` (flash /
 memory-efficient kernels on GPU, GQA without materialising repeated K/V) and honours megatron's
-sliding-window settings. A sliding window is attended block by block: each block of queries meets only
-the keys its window reaches, with a mask of [block, block + window] -- never a dense [s, s] mask, whose
-O(s^2) memory (and the math backend it forces) was the cost at Tri-70B's 4,096 window. Under context
+sliding-window settings. Packed sequences (megatron-core's ``PackedSeqParams``, qkv_format "thd": q
+[t, h, d] with cu_seqlens) and sliding windows (as one document per sample) are attended block by
+block (``blocked_varlen_attention``): each block of queries meets only the keys of its own document
+within reach (``max_seqlen - 1`` or the window back), with a mask of [block, block + reach] -- never a
+dense [s, s] mask, whose O(s^2) memory (and the math backend it forces) was the cost at Tri-70B's 4,096
+window -- and with gradients on each block is checkpointed, so the masks are never all held at once.
+No device sync: ``max_seqlen`` is a host int. Under context
 parallelism (CP > 1) each rank all-gathers K and V over the CP group (megatron's "all_gather" CP
 scheme; the backward reduce-scatters their gradients) and attends its two load-balanced sequence
-chunks (chunks r and 2*CP-1-r, as ``get_batch_on_this_cp_rank`` cut them) at their true positions.
-``te_core_attention_with_query_scaling`` wraps TE's ``TEDotProductAttention`` the same way.
+chunks (chunks r and 2*CP-1-r, as ``get_batch_on_this_cp_rank`` cut them) at their true positions
+(there, a window keeps the older per-block masks without checkpointing; packed sequences are not
+supported under CP). ``te_core_attention_with_query_scaling`` wraps TE's ``TEDotProductAttention``
+the same way.
 
 The fused path is on when query scaling is enabled, and for plain RoPE when the CUDA kernel is built
 and TE (whose own fused RoPE megatron uses) is not.
@@ -28,6 +34,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.attention import SelfAttention
@@ -113,12 +120,59 @@ def _query_scaling_sharded_state_dict(query_scaling, prefix, sharded_offsets):
     )
 
 
+def _varlen_block(qb, kb, vb, qdoc, kdoc, q0: int, k0: int, left, right: int, scale, dropout_p: float):
+    """One query block against its key span; the mask is built here so that, under checkpointing, it is
+    never kept for the backward pass."""
+    qpos = torch.arange(q0, q0 + qb.shape[2], device=qb.device)[:, None]
+    kpos = torch.arange(k0, k0 + kb.shape[2], device=qb.device)[None, :]
+    allowed = (kdoc[None, :] == qdoc[:, None]) & (kpos <= qpos + right)
+    if left is not None:
+        allowed = allowed & (kpos >= qpos - left)
+    return F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, dropout_p=dropout_p, scale=scale,
+                                          enable_gqa=True)
+
+
+def blocked_varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, window=None, block: int = 512,
+                             scale: Optional[float] = None, dropout_p: float = 0.0):
+    """Causal attention of packed documents, q [t, h, d], k, v [t, g, d] (GQA), cu_seqlens [n+1]: token i
+    attends keys j <= i of its own document (and, with ``window = (left, right)``, i - left <= j <= i +
+    right). Queries go in blocks of ``block``; a block meets only the keys its documents can reach (at
+    most ``max_seqlen - 1``, or ``left``, before it) through one SDPA call with a [block, block + reach]
+    mask -- never a [t, t] one. With gradients on, each block is checkpointed (its mask and SDPA's saved
+    state are rebuilt in the backward), so the masks' O(t * reach) memory is never held at once.
+    Returns [t, h, d]. No device sync: ``max_seqlen`` is a host int."""
+    t = q.shape[0]
+    tok = torch.arange(t, device=q.device)
+    doc = torch.searchsorted(cu_seqlens[1:].to(device=q.device, dtype=torch.long), tok, right=True)
+    left, right = window if window is not None else (None, 0)
+    reach = max(int(max_seqlen) - 1, 0)  # no key further back than the longest document allows
+    if left is not None:
+        reach = min(reach, left)
+    qh, kh, vh = q.permute(1, 0, 2)[None], k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None]
+    recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    outs = []
+    for b0 in range(0, t, block):
+        b1 = min(t, b0 + block)
+        k0, k1 = max(0, b0 - reach), min(t, b1 + right)
+        args = (qh[:, :, b0:b1], kh[:, :, k0:k1], vh[:, :, k0:k1], doc[b0:b1], doc[k0:k1], b0, k0, left, right,
+                scale, dropout_p)
+        if recompute:
+            # (no metadata check: the virtual accelerator of the tests reports SDPA's saved tensors on the host
+            # in the forward and on its "cuda" in the recomputation; values are the same)
+            outs.append(torch.utils.checkpoint.checkpoint(_varlen_block, *args, use_reentrant=False,
+                                                          determinism_check="none"))
+        else:
+            outs.append(_varlen_block(*args))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out[0].permute(1, 0, 2)
+
+
 class SDPACoreAttention(FusedRopeMixin, MegatronModule):
     """Causal (optionally sliding-window, optionally context-parallel) attention through torch SDPA,
     megatron's core-attention API."""
 
     # queries per block of the sliding-window path: the largest mask is [block, block + window - 1]
-    window_block = 1024
+    window_block = 512
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
@@ -175,6 +229,11 @@ class SDPACoreAttention(FusedRopeMixin, MegatronModule):
             outs.append(self._span(qb, k[:, :, k0:k1], v[:, :, k0:k1], p0, k0))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
+    def _attend_packed(self, q, k, v, cu_seqlens, max_seqlen: int):
+        """thd: q [t, h, d], k, v [t, g, d]; token i attends j <= i of its own document (and window)."""
+        return blocked_varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=self.window, block=self.window_block,
+                                        scale=self.softmax_scale, dropout_p=self.dropout_p if self.training else 0.0)
+
     def _gather_cp(self, x):
         """[2L, b, g, d] (this rank's chunks r, 2cp-1-r) -> the whole sequence [2L*cp, b, g, d] in order."""
         cp = self.cp_group.size()
@@ -185,9 +244,23 @@ class SDPACoreAttention(FusedRopeMixin, MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences need Transformer Engine's attention")
         query, key = self._rope_and_scale(query, key, packed_seq_params)
+        if packed_seq_params is not None:
+            if packed_seq_params.qkv_format != "thd" or self.cp_group is not None:
+                raise NotImplementedError("the local attention takes packed sequences as thd, without context "
+                                          "parallelism")
+            cu = packed_seq_params.cu_seqlens_q_padded
+            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+            out = self._attend_packed(query, key, value, cu, packed_seq_params.max_seqlen_q)
+            return out.reshape(out.shape[0], self.num_heads * out.shape[-1])
+        sq, b = query.shape[:2]
+        whole = self.window is not None and self.window[0] >= sq - 1 and self.window[1] == 0
+        if self.cp_group is None and self.window is not None and not whole:
+            # sliding window: the packed mechanism with one document per sample ([s, b] -> [b*s] tokens)
+            thd = [x.transpose(0, 1).reshape(b * sq, *x.shape[2:]) for x in (query, key, value)]
+            cu = torch.arange(0, b * sq + 1, sq, device=query.device, dtype=torch.int32)
+            out = self._attend_packed(*thd, cu, sq)
+            return out.view(b, sq, self.num_heads * out.shape[-1]).transpose(0, 1).contiguous()
         sq, b, _, d = query.shape
         q = query.permute(1, 2, 0, 3)  # [b, h, s, d]
         if self.cp_group is None:

@@ -5,6 +5,11 @@ megatron-core model: RMSNorm, RoPE (non-interleaved, rotate_half), grouped-query
 iRoPE (NoPE every k-th layer), sliding windows (W keys including the query itself), SSMax
 (q *= s_h*log(pos+1), s learnable per layer and head) and Llama-4 / Tri-70B query temperature tuning
 on NoPE layers (q *= log(floor((pos+1)/floor_scale)+1)*attn_scale+1), both applied after RoPE.
+``pos`` is the token's position id (RoPE angle and query factor alike). Packed sequences, as trained with
+``--reset-position-ids --reset-attention-mask``: when ``position_ids`` restart at 0 inside a row (what
+transformers passes for packed, padding-free batches), each restart begins a new document and a token
+attends only to earlier tokens of its own document -- positions, SSMax's n, temperature tuning and
+attention all restart, as in the megatron-core training path.
 
 Multi-token-prediction (MTP) modules are stored DeepSeek-V3 style as extra layers
 ``model.layers.{L+j}`` (enorm, hnorm, eh_proj, shared_head.norm and the block's own weights). They are
@@ -100,7 +105,8 @@ class TriAttention(nn.Module):
             return f[:, None, :, None]
         return None
 
-    def forward(self, x, positions, cos, sin, past_key_values=None, past_len=0, attention_mask=None):
+    def forward(self, x, positions, cos, sin, past_key_values=None, past_len=0, attention_mask=None,
+                documents=None):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -122,6 +128,8 @@ class TriAttention(nn.Module):
         if self.window:
             allowed = allowed & (k_idx[None, :] > q_idx[:, None] - self.window)
         allowed = allowed[None, None]
+        if documents is not None and k.shape[2] == s:  # packed documents (no cache before this call)
+            allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])
         if attention_mask is not None and attention_mask.dim() == 2:
             allowed = allowed & attention_mask[:, k_idx].bool()[:, None, None, :]
             allowed = allowed | ~allowed.any(-1, keepdim=True)  # fully padded rows: avoid NaN
@@ -153,8 +161,10 @@ class TriDecoderLayer(nn.Module):
         self.post_attention_layernorm = TriRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = TriMLP(config)
 
-    def forward(self, x, positions, cos, sin, past_key_values=None, past_len=0, attention_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, past_key_values, past_len, attention_mask)
+    def forward(self, x, positions, cos, sin, past_key_values=None, past_len=0, attention_mask=None,
+                documents=None):
+        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, past_key_values, past_len, attention_mask,
+                               documents)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -244,8 +254,11 @@ class TriModel(TriPreTrainedModel):
         if position_ids is None:
             position_ids = (past_len + torch.arange(s, device=x.device))[None].expand(b, s)
         cos, sin = self._rope(position_ids, x.dtype)
+        documents = None
+        if past_len == 0 and s > 1 and bool((position_ids[:, 1:] == 0).any()):  # packed: restarts begin documents
+            documents = torch.cumsum((position_ids == 0).long(), dim=1)
         for layer in self.layers[: self.config.num_hidden_layers]:
-            x = layer(x, position_ids, cos, sin, past_key_values, past_len, attention_mask)
+            x = layer(x, position_ids, cos, sin, past_key_values, past_len, attention_mask, documents)
         x = self.norm(x)
         return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: past_key_values if use_cache else None})
 
