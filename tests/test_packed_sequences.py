@@ -323,3 +323,16 @@ def test_hf_export_restarts_documents_where_position_ids_restart(features):
             alone = model(ids[:, a:a + n], use_cache=False).logits
             torch.testing.assert_close(packed[:, a:a + n], alone, atol=1e-5, rtol=1e-5)
             a += n
+
+
+def test_packed_flags_are_checked_before_start():
+    """The run configuration refuses, one line naming the flag, what packed sequences cannot do yet."""
+    from tri_megatron.config import ArgumentError, load_run_config
+
+    base = ["--model", "tri-tiny", "--mock-data", "--seq-length", "64"]
+    with pytest.raises(ArgumentError, match="^--reset-attention-mask: .*--context-parallel-size"):
+        load_run_config([*base, *PACKED, "--context-parallel-size", "2"], world_size=2, rank=0, check_disk=False)
+    with pytest.raises(ArgumentError, match="^--reset-position-ids: "):
+        load_run_config([*base, "--reset-position-ids"], world_size=1, rank=0, check_disk=False)
+    cfg = load_run_config([*base, *PACKED], world_size=1, rank=0, check_disk=False)
+    assert cfg.data.packed and cfg.data.eod_mask_loss

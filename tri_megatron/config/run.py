@@ -147,7 +147,7 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.data.mock_data and not cfg.data.data_path:
         raise ArgumentError("no training data: pass --data-path PREFIX... (see tools/preprocess_data.py) or --mock-data")
     if hasattr(cfg.data, "validate"):
-        _one_line(cfg.data.validate)
+        _one_line(cfg.data.validate, context_parallel_size=cfg.parallel.cp)
     cfg.checkpoint.validate()
     cfg.logging.validate()
     cfg.fault.validate(cfg.checkpoint.save)
