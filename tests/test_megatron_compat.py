@@ -119,3 +119,25 @@ def test_argument_error_is_one_line_once_under_torchrun():
     assert errors == ["pretrain_tri.py: error: unrecognized arguments: --no-such-flag (pretrain_tri.py --help "
                       "lists the flags; README: Coming from Megatron-LM)"], proc.stderr[-3000:]
     assert "usage:" not in proc.stderr and "usage:" not in proc.stdout
+
+
+def test_megatron_lm_style_script_parses(tmp_path):
+    """examples/megatron_lm_style.sh, unchanged, hands torchrun a command line that resolves (a stand-in
+    torchrun prints it); the script itself runs end to end in the README's closing example."""
+    import os
+    import subprocess
+
+    from launcher import ROOT
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "torchrun").write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    (fake / "torchrun").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}")
+    out = subprocess.run(["bash", os.path.join(ROOT, "examples", "megatron_lm_style.sh"), str(tmp_path / "ckpt"),
+                          str(tmp_path / "tb"), "/data/tokenizer", "/data/web_text_document"],
+                         env=env, capture_output=True, text=True, check=True).stdout.split("\n")
+    argv = out[out.index("pretrain_tri.py") + 1:-1]
+    cfg = load_run_config([*argv, "--vocab-size", "1536"], world_size=2, rank=0, check_disk=False)
+    assert cfg.parallel.tp == 2 and cfg.training.train_iters == 30 and cfg.optim.lr_warmup_iters == 5
+    assert cfg.optim.lr_wsd_decay_iters == 10 and cfg.data.tokenizer == "/data/tokenizer"
