@@ -336,3 +336,25 @@ def test_packed_flags_are_checked_before_start():
         load_run_config([*base, "--reset-position-ids"], world_size=1, rank=0, check_disk=False)
     cfg = load_run_config([*base, *PACKED], world_size=1, rank=0, check_disk=False)
     assert cfg.data.packed and cfg.data.eod_mask_loss
+
+
+def test_bench_packed_attention_runs_and_agrees(tmp_path):
+    """tools/bench_packed_attention.py at a tiny size: its JSON has both ways per case and the blocked
+    path's output and gradients equal the dense-mask SDPA's (no timing judged here)."""
+    import json
+    import subprocess
+    import sys
+
+    from launcher import ROOT
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_packed_attention.py"), "--seq", "192",
+                           "--window", "40", "--docs", "3", "--block", "32", "--reps", "1", "--cases",
+                           "packed+window", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [(r["case"], r["way"]) for r in data["rows"]] == [("packed+window", "dense"), ("packed+window", "blocked")]
+    assert all(r["peak_extra_bytes"] >= 0 and r["time_s"] > 0 for r in data["rows"])
+    assert data["rows"][0]["max_abs_diff_vs_dense"] < 1e-5
+    assert "| packed+window | blocked |" in proc.stdout
