@@ -73,6 +73,15 @@ def main(argv=None) -> list:
 
         sys.exit(dry_run(argv))
     cfg, rt = check_before_start(argv)
+    from tri_megatron.training.console import finished_run_message
+
+    complete = finished_run_message(cfg)  # a rerun of a finished run: say so, train nothing, exit 0
+    if complete:
+        from tri_megatron.training.distributed import launch_env
+
+        if launch_env()["rank"] == 0:
+            print(f"tri_megatron: {complete}", flush=True)
+        return []
     from megatron.core import parallel_state
 
     from tri_megatron.convert.export_hook import make_on_save
@@ -108,17 +117,16 @@ def main(argv=None) -> list:
             data = build_run_data(cfg, parallel_state.get_data_parallel_rank(),
                               parallel_state.get_data_parallel_world_size())
             trainer = Trainer(cfg, rt)
-            logger = MetricsLogger(cfg.logging, cfg.training.train_iters, env["rank"])
+            logger = MetricsLogger(cfg.logging, cfg.training.train_iters, env["rank"], run=cfg)
             if ckpt.load:  # records of iterations after this one written before this line are superseded
                 import time
 
                 logger.event({"event": "restart", "iteration": trainer.iteration, "load": ckpt.load,
                               "auto_resume": ckpt.auto_resume, "time": time.time()})
-            if env["rank"] == 0:
-                print(f"tri_megatron: {cfg.arch.name} | layout {cfg.parallel.describe()} | {rt.describe()} | "
-                      f"{'Transformer Engine' if trainer.use_te else 'local (torch SDPA)'} layers | "
-                      f"starting at iteration {trainer.iteration}"
-                      + (f" (auto-resumed from --save {ckpt.save})" if ckpt.auto_resume else ""), flush=True)
+            from tri_megatron.training.console import startup_banner
+
+            for line in startup_banner(cfg, rt, trainer):  # collective: parameters counted on every rank
+                logger.say(line)
             history = trainer.train(data, logger, on_save=make_on_save(cfg, env["rank"]))
             logger.close()
         finally:
