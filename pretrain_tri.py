@@ -85,6 +85,7 @@ def main(argv=None) -> list:
     from megatron.core import parallel_state
 
     from tri_megatron.convert.export_hook import make_on_save
+    from tri_megatron.convert.hf_io import record_tokenizer
     from tri_megatron.training import fault
     from tri_megatron.training.distributed import destroy_distributed, init_distributed, launch_env
     from tri_megatron.training.loop import Trainer
@@ -114,6 +115,7 @@ def main(argv=None) -> list:
         print(describe(cfg), flush=True)
     try:
         try:
+            record_tokenizer(cfg.data.tokenizer, ckpt.save, env["rank"])  # so that --to-hf ships it
             data = build_run_data(cfg, parallel_state.get_data_parallel_rank(),
                               parallel_state.get_data_parallel_world_size())
             trainer = Trainer(cfg, rt)

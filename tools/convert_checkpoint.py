@@ -4,9 +4,13 @@
     python tools/convert_checkpoint.py --to-hf CKPT_DIR OUT_DIR [--dtype auto|bf16|fp32] [--drop-mtp]
         [--tokenizer PATH] [--max-shard-size 5GB] [--verify] [--overwrite]
     python tools/convert_checkpoint.py --from-hf HF_DIR OUT_DIR --target-tp T --target-pp P
-        [--target-vpp V] [--dtype auto|bf16|fp32] [--verify] [--overwrite]
+        [--target-vpp V] [--dtype auto|bf16|fp32] [--keep-progress] [--verify] [--overwrite]
 
 CKPT_DIR is a --save directory (its newest complete iteration is used) or one iter_NNNNNNN directory.
+--to-hf ships the tokenizer the trainer recorded in the --save directory (or --tokenizer). A Llama
+export keeps its MTP modules in mtp-*.safetensors (mtp.safetensors.index.json), which transformers and
+vLLM do not read; --drop-mtp leaves them out. --from-hf --keep-progress continues at the iteration and
+consumed samples the export records (its data order and learning-rate schedule) instead of iteration 0.
 Runs on CPU (GPUs are hidden). Exit codes: 0 done, 1 --verify found the logits apart, 2 bad input
 (nothing written).
 """
@@ -36,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="dtype of the written weights (auto: the source's)")
     p.add_argument("--drop-mtp", action="store_true", help="--to-hf: leave the MTP modules out")
+    p.add_argument("--keep-progress", action="store_true",
+                   help="--from-hf: keep the iteration and consumed samples the export records (config.json "
+                        "\"tri_megatron\"): training continues its data order and learning-rate schedule")
     p.add_argument("--tokenizer", default=None,
                    help="--to-hf: tokenizer.json or its directory (default: one in the checkpoint directory)")
     p.add_argument("--max-shard-size", default="5GB", help="--to-hf: safetensors shard size")
@@ -49,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.keep_progress and not args.from_hf:
+        parser.error("--keep-progress belongs to --from-hf (an export records its progress in config.json)")
     from tri_megatron.convert.hf_config import HFConfigError
     from tri_megatron.convert.megatron_ckpt import CheckpointError
     from tri_megatron.convert.verify import ParityError
@@ -66,7 +76,7 @@ def main(argv=None) -> int:
 
             from_hf(*args.from_hf, target_tp=args.target_tp, target_pp=args.target_pp, target_vpp=args.target_vpp,
                     dtype=args.dtype, overwrite=args.overwrite, verify=args.verify, verify_tol=args.verify_tol,
-                    verify_seq_len=args.verify_seq_len)
+                    verify_seq_len=args.verify_seq_len, keep_progress=args.keep_progress)
     except ParityError as e:
         print(f"convert_checkpoint.py: verification failed: {e}; nothing written", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
 """Hugging Face directory -> megatron-core distributed checkpoint (``convert_checkpoint.py --from-hf``).
 
 Checks the HF config, every tensor's shape and the target layout here, then ``megatron_writer``
-writes a weights-only torch_dist checkpoint at iteration 0 ("has_optimizer": false) in this one
+writes a weights-only torch_dist checkpoint at iteration 0 ("has_optimizer": false; with --keep-progress
+at the iteration and consumed samples the export's config.json records, the schedule continuing) in this one
 process, chunk by chunk: megatron-core's own sharded state dict of the model (built on the meta
 device) says what is stored, each chunk is built from the HF tensors it needs (read one at a time)
 when the writer asks for it — host memory does not grow with the model. megatron-core loads it at
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Optional
+from typing import Optional, Tuple
 
 from tri_megatron.convert.hf_config import meta_from_hf_config
-from tri_megatron.convert.hf_io import DTYPES, HFCheckpoint, return_freed_memory
+from tri_megatron.convert.hf_io import DTYPES, TOKENIZER_FILES, HFCheckpoint, return_freed_memory
 from tri_megatron.convert.mapping import arch_of, expected_hf_shapes, hf_to_canonical
 from tri_megatron.convert.megatron_ckpt import CheckpointError
 from tri_megatron.convert.megatron_writer import write_checkpoint
@@ -66,9 +67,20 @@ def pretrain_flags(m: dict) -> str:
     return " ".join(flags)
 
 
+def recorded_progress(hf_dir: str, config: dict) -> Tuple[int, int]:
+    """(iteration, consumed samples) an export of ours records in config.json's "tri_megatron" block."""
+    src = config.get("tri_megatron") or {}
+    it, consumed = src.get("iteration"), src.get("consumed_samples")
+    if not isinstance(it, int) or not isinstance(consumed, int) or it < 0 or consumed < 0:
+        raise CheckpointError(f"--keep-progress: {os.path.join(hf_dir, 'config.json')} records no training progress "
+                              f"(no \"tri_megatron\" iteration and consumed_samples: not exported by tri_megatron, or "
+                              f"by an older version); drop --keep-progress to start at iteration 0")
+    return it, consumed
+
+
 def from_hf(hf_dir: str, out_dir: str, target_tp: int = 1, target_pp: int = 1, target_vpp: Optional[int] = None,
             dtype: Optional[str] = None, overwrite: bool = False, verify: bool = False, verify_tol: float = 1e-4,
-            verify_seq_len: Optional[int] = None, log=print) -> dict:
+            verify_seq_len: Optional[int] = None, keep_progress: bool = False, log=print) -> dict:
     from tri_megatron.config.errors import ArgumentError
     from tri_megatron.convert.megatron_runtime import run_config_for
 
@@ -82,6 +94,7 @@ def from_hf(hf_dir: str, out_dir: str, target_tp: int = 1, target_pp: int = 1, t
     tied = not m["untie_embeddings_and_output_weights"]
     m["untie_embeddings_and_output_weights"] = True
     check_hf(hf, m, tied)
+    iteration, consumed = recorded_progress(hf_dir, hf.config) if keep_progress else (0, 0)
     torch_dtype = DTYPES[dtype] if dtype and dtype != "auto" else hf.dtype()
     bf16 = {"bfloat16": True, "float32": False}.get(str(torch_dtype).replace("torch.", ""))
     if bf16 is None:
@@ -97,16 +110,19 @@ def from_hf(hf_dir: str, out_dir: str, target_tp: int = 1, target_pp: int = 1, t
         def get(name):  # a tied source has no lm_head: the output layer starts as the embedding
             return hf.get("model.embed_tokens.weight" if name == "lm_head.weight" and tied else name)
 
-        write_checkpoint(tmp, cfg, lambda name: hf_to_canonical(name, get, arch))
-        for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        write_checkpoint(tmp, cfg, lambda name: hf_to_canonical(name, get, arch), iteration, consumed)
+        for fname in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(hf_dir, fname)):
                 shutil.copyfile(os.path.join(hf_dir, fname), os.path.join(tmp, fname))
         log(f"from-hf: {hf_dir} -> {out_dir}: {hf.config.get('model_type')} -> megatron checkpoint at TP={target_tp} "
-            f"PP={target_pp} VPP={target_vpp or 1}, {'bf16' if bf16 else 'fp32'}, iteration 0, weights only"
+            f"PP={target_pp} VPP={target_vpp or 1}, {'bf16' if bf16 else 'fp32'}, iteration {iteration}"
+            + (f" and {consumed} consumed samples kept (data order and learning-rate schedule continue)"
+               if keep_progress else "") + ", weights only"
             + (", tied embeddings untied (output layer = copy of the embedding)" if tied else ""))
         log(f"continue training with: pretrain_tri.py {pretrain_flags(m)}{' --bf16' if bf16 else ''} "
             f"--tensor-model-parallel-size {target_tp} --pipeline-model-parallel-size {target_pp} --load {out_dir} ...")
-        summary = {"meta": m, "bf16": bf16, "pretrain_flags": pretrain_flags(m)}
+        summary = {"meta": m, "bf16": bf16, "pretrain_flags": pretrain_flags(m), "iteration": iteration,
+                   "consumed_samples": consumed}
         if verify:
             from tri_megatron.convert.verify import check_parity
 

@@ -1,14 +1,20 @@
 """Hugging Face checkpoint files: a lazy safetensors reader, a sharded writer, tokenizer files.
 
 * ``HFCheckpoint``: config.json plus ``model.safetensors`` or sharded ``model-*.safetensors`` with
-  ``model.safetensors.index.json``; tensors are read one at a time with plain reads, shapes from headers.
+  ``model.safetensors.index.json`` (and the MTP modules of a Llama export, kept out of that index in
+  ``mtp-*.safetensors`` with ``mtp.safetensors.index.json``); tensors are read one at a time with plain
+  reads, shapes from headers.
 * ``ShardWriter``: given the plan of every tensor (name, shape, dtype) first, writes
   ``model-0000k-of-0000N.safetensors`` shards of at most ``max_shard_size`` bytes tensor by tensor
   (headers up front, each tensor's bytes at its offset: memory independent of the shard size) and
-  their ``model.safetensors.index.json`` (always an index, even for one shard). The bytes are those
-  ``safetensors.torch.save_file`` writes (``safetensors_layout``).
-* ``find_tokenizer`` / ``copy_tokenizer``: tokenizer.json plus tokenizer_config.json (copied if it
-  sits next to the tokenizer, otherwise written) and special_tokens_map.json when present.
+  their ``model.safetensors.index.json`` (always an index, even for one shard; ``prefix="mtp"`` names
+  another set of shards and index). The bytes are those ``safetensors.torch.save_file`` writes
+  (``safetensors_layout``).
+* ``record_tokenizer``: the trainer's copy of its --tokenizer into --save (rank 0, atomic), where
+  ``find_tokenizer`` finds it for ``--to-hf``.
+* ``find_tokenizer`` / ``copy_tokenizer``: tokenizer.json, special_tokens_map.json when present and
+  tokenizer_config.json (the source's, or one written, with ``model_max_length`` = the context length);
+  the special-token ids for config.json / generation_config.json.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import torch
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+MTP_INDEX = "mtp.safetensors.index.json"  # the index of a Llama export's MTP shards (mtp-*.safetensors)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def return_freed_memory(threshold: int = 1 << 20) -> bool:
@@ -127,6 +135,10 @@ class HFCheckpoint:
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                     f"(only safetensors checkpoints are supported)")
+        mtp_index = os.path.join(path, MTP_INDEX)
+        if os.path.isfile(mtp_index):  # a Llama export's MTP modules, outside the standard loaders' index
+            with open(mtp_index) as f:
+                self.weight_map.update(json.load(f)["weight_map"])
         missing = sorted({f for f in self.weight_map.values() if not os.path.isfile(os.path.join(path, f))})
         if missing:
             raise FileNotFoundError(f"{path}: missing shard file(s) {', '.join(missing)} named by the index")
@@ -163,7 +175,7 @@ class HFCheckpoint:
 
 
 class ShardWriter:
-    """Writes planned tensors into ``model-0000k-of-0000N.safetensors`` shards as they are produced.
+    """Writes planned tensors into ``{prefix}-0000k-of-0000N.safetensors`` shards as they are produced.
 
     The plan (every tensor's name, shape and dtype, in production order) is known first, so the shard
     split (the greedy rule: a new shard when the next tensor would take it past ``max_shard_size``),
@@ -172,8 +184,8 @@ class ShardWriter:
     The files are byte-identical to ``safetensors.torch.save_file`` of the same tensors per shard.
     """
 
-    def __init__(self, out_dir: str, max_shard_size: int, plan: Sequence[TensorSpec]):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: str, max_shard_size: int, plan: Sequence[TensorSpec], prefix: str = "model"):
+        self.out_dir, self.prefix = out_dir, prefix
         shards: List[List[TensorSpec]] = []
         size = 0
         for spec in plan:
@@ -183,7 +195,7 @@ class ShardWriter:
             shards[-1].append(spec)
             size += spec.nbytes
         n = len(shards)
-        self.files = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self.files = [f"{prefix}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
         self.spec: Dict[str, TensorSpec] = {}
         self.where: Dict[str, Tuple[int, int]] = {}  # name -> (shard, file offset)
         self.headers: List[bytes] = []
@@ -237,14 +249,47 @@ class ShardWriter:
         if missing:
             raise ValueError(f"{len(missing)} planned tensor(s) were never written, e.g. {missing[0]}")
         weight_map = {name: self.files[k] for name, (k, _) in self.where.items()}
-        with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
+        with open(os.path.join(self.out_dir, f"{self.prefix}.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))},
                       f, indent=2)
         return weight_map
 
 
+def record_tokenizer(tokenizer: Optional[str], save_dir: Optional[str], rank: int, log=print) -> Optional[str]:
+    """Record the run's --tokenizer in --save (rank 0; each file written beside and renamed into place),
+    so that ``--to-hf`` ships it: tokenizer.json, and tokenizer_config.json / special_tokens_map.json
+    when they sit next to it (a stale one of those from an earlier tokenizer is removed). Returns the
+    recorded tokenizer.json, or None when there is nothing to record or this is not rank 0."""
+    if rank != 0 or not tokenizer or not save_dir:
+        return None
+    from tri_megatron.data.tokenizer import resolve_tokenizer_file
+
+    src = resolve_tokenizer_file(tokenizer)
+    os.makedirs(save_dir, exist_ok=True)
+    dst = os.path.join(save_dir, "tokenizer.json")
+    if os.path.isfile(dst) and not _same_bytes(src, dst):
+        log(f"tri_megatron: --save {save_dir}: replacing the tokenizer recorded there by --tokenizer {tokenizer}")
+    for name in TOKENIZER_FILES:
+        source = src if name == "tokenizer.json" else os.path.join(os.path.dirname(src), name)
+        target = os.path.join(save_dir, name)
+        if not os.path.isfile(source):
+            if os.path.isfile(target):
+                os.remove(target)
+        elif not (os.path.isfile(target) and _same_bytes(source, target)):
+            tmp = f"{target}.tmp-{os.getpid()}"
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+    return dst
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
 def find_tokenizer(explicit: Optional[str], *dirs: str) -> Optional[str]:
-    """tokenizer.json from --tokenizer (file or directory) or the first directory holding one."""
+    """tokenizer.json from --tokenizer (file or directory) or the first directory holding one (the
+    iteration directory, then the --save directory the trainer recorded it in)."""
     if explicit:
         from tri_megatron.data.tokenizer import resolve_tokenizer_file
 
@@ -255,34 +300,42 @@ def find_tokenizer(explicit: Optional[str], *dirs: str) -> Optional[str]:
     return None
 
 
+NO_SPECIAL_IDS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+
+
 def copy_tokenizer(tokenizer_json: str, out_dir: str, model_max_length: int) -> dict:
-    """Copy the tokenizer files; returns the special token ids for config.json / generation_config.json."""
+    """Copy the tokenizer files into an export (tokenizer_config.json with ``model_max_length`` = the
+    model's context length); returns the special-token ids for config.json / generation_config.json:
+    eos = the end-of-document token training used, bos = the configured bos token (else eos, as
+    tools/train_tokenizer.py configures it), pad = the pad token (None when there is none)."""
+    from tokenizers import Tokenizer
+
     from tri_megatron.data.tokenizer import TriTokenizer
 
     src_dir = os.path.dirname(tokenizer_json)
     shutil.copyfile(tokenizer_json, os.path.join(out_dir, "tokenizer.json"))
-    for extra in ("special_tokens_map.json",):
-        if os.path.isfile(os.path.join(src_dir, extra)):
-            shutil.copyfile(os.path.join(src_dir, extra), os.path.join(out_dir, extra))
+    special_map = os.path.join(src_dir, "special_tokens_map.json")
+    if os.path.isfile(special_map):
+        shutil.copyfile(special_map, os.path.join(out_dir, "special_tokens_map.json"))
     tok = TriTokenizer(tokenizer_json)
+    vocab = Tokenizer.from_file(tokenizer_json).get_vocab(with_added_tokens=True)
+    names = {i: n for n, i in vocab.items()}
     cfg_src = os.path.join(src_dir, "tokenizer_config.json")
     if os.path.isfile(cfg_src):
-        shutil.copyfile(cfg_src, os.path.join(out_dir, "tokenizer_config.json"))
         with open(cfg_src) as f:
             tcfg = json.load(f)
     else:
-        tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
-                "eos_token": tok.eod_token, "bos_token": tok.eod_token}
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-            json.dump(tcfg, f, indent=2)
-    from tokenizers import Tokenizer
-
-    vocab = Tokenizer.from_file(tokenizer_json).get_vocab(with_added_tokens=True)
+        tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eod_token, "bos_token": tok.eod_token}
+        if tok.pad_id is not None:
+            tcfg["pad_token"] = names[tok.pad_id]
+    tcfg["model_max_length"] = int(model_max_length)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(tcfg, f, indent=2)
 
     def token_id(key):
         v = tcfg.get(key)
         v = v.get("content") if isinstance(v, dict) else v
         return vocab.get(v) if v is not None else None
 
-    ids = {"eos_token_id": tok.eod, "bos_token_id": token_id("bos_token"), "pad_token_id": tok.pad_id}
-    return {k: v for k, v in ids.items() if v is not None}
+    bos = token_id("bos_token")
+    return {"bos_token_id": tok.eod if bos is None else bos, "eos_token_id": tok.eod, "pad_token_id": tok.pad_id}

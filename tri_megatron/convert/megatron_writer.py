@@ -160,9 +160,13 @@ def _planner(tensors: list, objects: list, source: ChunkSource):
     return ChunkPlanner()
 
 
-def write_checkpoint(root: str, cfg, get_canonical: Callable[[str], torch.Tensor]) -> dict:
-    """Write ``root/iter_0000000`` (weights only) for the model of the run ``cfg`` (RunConfig), chunk by
-    chunk; ``cfg.parallel`` is the layout recorded in tri_meta.json (the stored chunks do not depend on it)."""
+def write_checkpoint(root: str, cfg, get_canonical: Callable[[str], torch.Tensor], iteration: int = 0,
+                     consumed_samples: int = 0) -> dict:
+    """Write ``root/iter_NNNNNNN`` (weights only; iteration 0 unless the source's progress is kept) for the
+    model of the run ``cfg`` (RunConfig), chunk by chunk; ``cfg.parallel`` is the layout recorded in
+    tri_meta.json (the stored chunks do not depend on it). A kept progress (iteration > 0) is marked
+    ``continue_schedule`` in tri_meta.json: the run that loads it steps its fresh learning-rate schedule to
+    the consumed samples instead of warming up again."""
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
@@ -172,7 +176,7 @@ def write_checkpoint(root: str, cfg, get_canonical: Callable[[str], torch.Tensor
 
     single = run_config_for(checkpoint_meta(cfg, 0, 0, IMPORT_RUNTIME, False)["model"], bf16=cfg.training.bf16)
     tensors, objects = meta_sharded_state(single)
-    common = {"scheduler": None, "iteration": 0, "consumed_samples": 0}  # what save_checkpoint stores
+    common = {"scheduler": None, "iteration": iteration, "consumed_samples": consumed_samples}  # as save_checkpoint
     # megatron-core < 0.19 keeps the common state in common.pt; 0.19 in the checkpoint, as one object
     legacy_common = common_state_in_common_pt()
     if not legacy_common:
@@ -180,7 +184,7 @@ def write_checkpoint(root: str, cfg, get_canonical: Callable[[str], torch.Tensor
 
         objects.append(ShardedObject("common_state", common, (1,), (0,)))
     source = ChunkSource(get_canonical)
-    path = iter_dir(root, 0)
+    path = iter_dir(root, iteration)
     os.makedirs(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -189,9 +193,12 @@ def write_checkpoint(root: str, cfg, get_canonical: Callable[[str], torch.Tensor
     save_config(CheckpointingConfig("torch_dist", 1), path)
     if legacy_common:
         torch.save(common, os.path.join(path, "common.pt"))
+    meta = checkpoint_meta(cfg, iteration, consumed_samples, IMPORT_RUNTIME, has_optimizer=False)
+    if iteration:
+        meta["continue_schedule"] = True
     with open(os.path.join(path, META), "w") as f:
-        json.dump(checkpoint_meta(cfg, 0, 0, IMPORT_RUNTIME, has_optimizer=False), f, indent=1)
+        json.dump(meta, f, indent=1)
     with open(os.path.join(root, TRACKER), "w") as f:
-        f.write("0")
+        f.write(str(iteration))
     return {"chunks": len(tensors), "objects": len(objects), "peak_tensor_bytes": source.peak_tensor_bytes}
 

@@ -27,7 +27,7 @@ def load_hf_model(hf_dir: str):
     with open(os.path.join(hf_dir, "config.json")) as f:
         remote = "auto_map" in json.load(f)
     level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the load report lists the MTP layers Llama skips
+    transformers.logging.set_verbosity_error()  # load-time notices (remote code, generation defaults)
     transformers.utils.logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=remote)

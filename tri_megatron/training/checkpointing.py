@@ -206,6 +206,8 @@ def load_checkpoint(root: str, model: list, optimizer, scheduler, parallel, rt=N
     # A weights-only checkpoint (--no-save-optim) starts a fresh schedule from this run's flags.
     if scheduler is not None and load_optim and loaded.get("scheduler"):
         scheduler.load_state_dict(loaded["scheduler"])
+    elif scheduler is not None and meta.get("continue_schedule"):  # --from-hf --keep-progress
+        scheduler.step(increment=int(loaded["consumed_samples"]))  # no second warm-up
     restore, why_not = rng_restorable(meta, parallel, rt)
     if why_not and optimizer is not None and dist.get_rank() == 0:  # training resumes (not a conversion)
         print(f"tri_megatron: --load {path}: RNG states not restored ({why_not}); continuing from this run's "
