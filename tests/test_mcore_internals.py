@@ -387,6 +387,38 @@ def test_model_sharded_state_dicts_set_the_virtual_pipeline_rank(megatron_single
     assert len(mcore_internals.model_sharded_state_dicts([_Chunk()])) == 1
 
 
+def test_async_sharded_save_round_trip(megatron_single_process, tmp_path):
+    """What training/checkpointing.py's save relies on: the request's fields and methods, a replaceable
+    async_fn, finalize functions run after the write, megatron's own writer on every release."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
+
+    assert {"async_fn", "async_fn_args", "finalize_fns"} <= set(getattr(AsyncRequest, "_fields", ())), \
+        _seam("AsyncRequest is a NamedTuple with async_fn, async_fn_args, finalize_fns")
+    for name in ("add_finalize_fn", "execute_sync", "_replace"):
+        assert hasattr(AsyncRequest, name), _seam(f"AsyncRequest.{name}")
+    assert "persistent" in inspect.signature(AsyncCallsQueue.__init__).parameters and \
+        hasattr(AsyncCallsQueue, "schedule_async_request") and hasattr(AsyncCallsQueue, "maybe_finalize_async_calls"), \
+        _seam("AsyncCallsQueue(persistent=).schedule_async_request / maybe_finalize_async_calls")
+    weight = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    state = {"w": ShardedTensor.from_rank_offsets("w", weight.clone(), replica_id=0)}
+    try:
+        request = mcore_internals.async_sharded_save(state, str(tmp_path))
+    except ModuleNotFoundError as e:
+        pytest.fail(_seam(f"asynchronous sharded save with megatron's own writer: {e}"))
+    calls = []
+    assert request.async_fn is not None, _seam("the asynchronous save leaves the shard writing to async_fn")
+    inner = request.async_fn
+    request = request._replace(async_fn=lambda *a, **k: (calls.append("write"), inner(*a, **k))[1])
+    request.add_finalize_fn(lambda: calls.append("finalize"))
+    request.execute_sync()
+    assert calls == ["write", "finalize"], _seam("AsyncRequest: async_fn writes, then the finalize functions run")
+    loaded = dist_checkpointing.load({"w": ShardedTensor.from_rank_offsets("w", torch.zeros(3, 4), replica_id=0)},
+                                     str(tmp_path))
+    torch.testing.assert_close(loaded["w"], weight, msg=_seam("asynchronous sharded save round trip"))
+
+
 def test_common_state_location():
     from megatron.core.dist_checkpointing.core import CheckpointingConfig
 

@@ -4,7 +4,8 @@ We support megatron-core 0.16 (our lock) through 0.19 (current NGC containers). 
 small function (or context) that the rest of tri_megatron calls instead of touching the internal itself;
 ``tests/test_mcore_internals.py`` pins what each one relies on in the installed release (signatures,
 attribute names, behaviour), so an upgrade fails in CI with a message naming the seam instead of
-misbehaving in a long run. Verified with 0.16.1 and 0.19.0.
+misbehaving in a long run. Verified with 0.16.1 and 0.19.0. One file on purpose (issue 13: one module owns
+every contact), in sections following the list below.
 
 Model (``model/fused_loss.py``, ``model/config.py``, ``model/attention.py``):
 
@@ -50,6 +51,9 @@ Distributed data parallel and optimizer (``ops/fused_cross_entropy.py``, ``train
 * the global virtual-pipeline rank (``parallel_state.set_virtual_pipeline_model_parallel_rank``) set per
   model chunk around ``sharded_state_dict``, with the metadata's DP/CP group
   (``transformer.utils.ensure_metadata_has_dp_cp_group``): ``model_sharded_state_dicts``.
+* an asynchronous sharded save (``dist_checkpointing.save(..., async_sharded_save=True)`` and its
+  ``AsyncRequest``): 0.19 added ``async_strategy`` defaulting to nvidia-resiliency-ext's writer:
+  ``async_sharded_save`` asks for megatron's own.
 * the distributed checkpoint's common state: up to 0.18 ``common.pt`` (``CheckpointingConfig`` has
   ``common_backend``), 0.19 a ``ShardedObject`` in the checkpoint: ``common_state_in_common_pt``.
 
@@ -58,13 +62,16 @@ Host stand-ins (``compat/cpu.py``, ``dryrun/fake_world.py``, ``tools/bench_kerne
 * ``tensor_parallel.random._set_cuda_rng_state`` / ``_get_cuda_rng_state`` (private module functions the
   RNG tracker calls) and its "CPU RNG state changed" warning: ``route_rng_tracker_to_host``.
 * ``parallel_state.get_data_parallel_group_gloo`` / ``get_expert_data_parallel_group_gloo`` (read through the
-  module by megatron's optimizer) answered with the NCCL-side groups on a fake world: ``gloo_groups_as_main``.
+  module by megatron's optimizer) answered with the main (non-gloo) groups on a fake world: ``gloo_groups_as_main``.
 * ``vocab_parallel_cross_entropy`` on a given group: 0.16 reads the TP group/rank/size through getters
   bound in ``tensor_parallel.cross_entropy`` (rebound here); 0.19 takes ``tp_group=``:
   ``vocab_parallel_cross_entropy_on``. ``rope_utils._apply_rotary_pos_emb_bshd`` (private; 0.19 added
   ``mla_rotary_interleaved``): ``megatron_rope_bshd``.
 * ``WrappedTorchNorm.__new__(cls, config, hidden_size, eps, ...)`` (the local spec's norm factory), replaced
   while the dry run builds its layers (``dryrun/stage.py``): ``torch_norms_built_by``.
+
+Pinned only (the caller's owner is changing that file): ``datasets.helpers.build_exhaustive_blending_indices``
+(``data/datasets.py``).
 
 Imports of megatron-core happen inside the functions: ``compat`` calls this module before megatron builds
 anything, and importing it costs nothing.
@@ -378,6 +385,20 @@ def model_sharded_state_dicts(chunks: list) -> list:
     finally:
         parallel_state.set_virtual_pipeline_model_parallel_rank(before)
     return out
+
+
+def async_sharded_save(state: dict, checkpoint_dir: str):
+    """``dist_checkpointing.save(state, dir, async_sharded_save=True)``: megatron's ``AsyncRequest`` (a
+    NamedTuple: ``async_fn`` writes this rank's shards; ``add_finalize_fn``, ``execute_sync``; scheduled by
+    ``AsyncCallsQueue(persistent=).schedule_async_request``). 0.19 added ``async_strategy``, default
+    ``"nvrx"``, which needs nvidia-resiliency-ext (not one of our dependencies): ask for megatron's own
+    writer (``"mcore"``), the one 0.16 always uses."""
+    from megatron.core import dist_checkpointing
+
+    kwargs = {}
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        kwargs["async_strategy"] = "mcore"
+    return dist_checkpointing.save(state, checkpoint_dir, async_sharded_save=True, **kwargs)
 
 
 def common_state_in_common_pt() -> bool:
