@@ -36,7 +36,8 @@ def test_wandb_receives_the_run_config_and_every_record(tmp_path):
     records = train(1, [*TINY, "--train-iters", "3", "--eval-interval", "3", "--eval-iters", "1", "--save",
                         str(tmp_path / "ckpt"), "--wandb-project", "tri-test", "--wandb-exp-name", "tiny-1"],
                     str(tmp_path / "log.jsonl"), virtual=False,
-                    extra_env={"PYTHONPATH": str(tmp_path / "fake"), "FAKE_WANDB_OUT": str(out), "WANDB_MODE": "offline"})
+                    extra_env={"PYTHONPATH": str(tmp_path / "fake"), "FAKE_WANDB_OUT": str(out),
+                               "WANDB_MODE": "offline"})
     calls = [json.loads(line) for line in out.read_text().splitlines()]
     assert [c["call"] for c in calls] == ["init", "log", "log", "log", "log", "finish"]
     init = calls[0]

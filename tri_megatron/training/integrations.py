@@ -16,8 +16,8 @@ def flat_scalars(record: dict, prefix: str = "") -> dict:
     for key, value in record.items():
         if isinstance(value, dict):
             out.update(flat_scalars(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[prefix + key] = value
+        elif isinstance(value, (int, float)) and math.isfinite(value):
+            out[prefix + key] = float(value) if isinstance(value, bool) else value
     return out
 
 
@@ -55,7 +55,7 @@ class Profiler:
     end, 1-based), and writes one TensorBoard-viewable trace per rank (``rank<R>.<time>.pt.trace.json``,
     torch-tb-profiler's format) under --profile-dir (default --tensorboard-dir). CUDA activity is
     recorded where the run has real CUDA. The trace's steps count from the profiler's start
-    (ProfilerStep#1 is iteration start+1)."""
+    (ProfilerStep#1 is iteration start+1; with start 0, ProfilerStep#0 is iteration 1)."""
 
     def __init__(self, logging_cfg, rank: int, cuda: bool):
         self.cfg = logging_cfg
