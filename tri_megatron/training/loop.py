@@ -25,6 +25,7 @@ from tri_megatron.model.builder import build_model_chunks
 from tri_megatron.model.config import transformer_config
 from tri_megatron.model.specs import use_transformer_engine
 from tri_megatron.training import checkpointing, fault
+from tri_megatron.training.console import memory_stats
 from tri_megatron.perf.devices import detect_peak_tflops
 from tri_megatron.perf.flops import hardware_flops_per_iteration, model_flops_per_iteration
 from tri_megatron.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -53,6 +54,8 @@ class Trainer:
         self.nonfinite_policy = fault.NonfinitePolicy(cfg.fault)
         self.exit_reason = None  # (reason, detail) when the run stopped before --train-iters
         self._poison = False  # test hook --inject-nan-at-iter
+        self._logger = None  # the MetricsLogger of train(): checkpoint commits are reported to it
+        self._save_started = {}  # iteration -> time its save began
         self.num_microbatches = cfg.num_microbatches
         self.peak_tflops = cfg.logging.peak_tflops or detect_peak_tflops()
         self.world_size = dist.get_world_size()
@@ -195,6 +198,10 @@ class Trainer:
         it = self._iterators(lambda: data.train_iterator(self.consumed_samples))
         for m in self.model:
             m.train()
+        self._logger = logger  # save() reports its commits to it
+        logger.begin(self.iteration, cuda=self.rt.cuda_kernels)
+        if self.rt.cuda_kernels:
+            torch.cuda.reset_peak_memory_stats()  # peak memory is per log interval (console.memory_stats)
         while self.iteration < tr.train_iters:
             if self.rt.cuda_kernels:
                 torch.cuda.synchronize()
@@ -220,14 +227,18 @@ class Trainer:
                 "hfu": hflops / dt / self.world_size / 1e12 / self.peak_tflops if self.peak_tflops else None,
                 "step_time_s": dt,
                 "consumed_samples": self.consumed_samples,
+                "consumed_tokens": self.consumed_samples * tr.seq_length,
                 "skipped": out["skipped"],
             }
+            if hasattr(data, "weights_at"):  # the data mixture's scheduled weights at consumed_samples
+                record["mixture"] = data.weights_at(self.consumed_samples)
             if out["nonfinite"]:
                 record["nonfinite"] = out["nonfinite"]
-            if self.rt.cuda_kernels:
-                record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            console = self.iteration % cfg.logging.log_interval == 0
+            if console:  # every rank: the memory of the interval, maximum over ranks
+                record.update(memory_stats(self.rt, cfg.logging.log_memory))
             history.append(record)
-            logger.iteration(record, console=self.iteration % cfg.logging.log_interval == 0)
+            logger.iteration(record, console=console)
             test_hooks.iteration_sleep()
             if out["nonfinite"]:
                 action = self.nonfinite_policy.observe(out["nonfinite"])
@@ -261,9 +272,12 @@ class Trainer:
             print(f"tri_megatron: {text}", flush=True)
 
     def save(self, on_save=None) -> str:
+        self._save_started[self.iteration] = time.time()  # the commit's console line says how long it took
         path = checkpointing.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer,
                                              self.scheduler, self.consumed_samples, self.cfg, self.rt)
         self.last_saved_iteration = self.iteration
+        if self._logger is not None:
+            self._logger.checkpoint_saved(self.iteration, path, time.time() - self._save_started.pop(self.iteration))
         if on_save:
             on_save(self.iteration, path)
         return path
