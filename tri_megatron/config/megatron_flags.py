@@ -263,3 +263,28 @@ def ignored_note(given_flags: Tuple[str, ...]) -> Optional[str]:
     """One line listing the ignored Megatron flags among ``record()``'s (None when there are none)."""
     names = [g.split()[0] for g in given_flags if _BY_FLAG[g.split()[0]].kind == "ignored"]
     return ("pretrain_tri.py: note: Megatron-LM flags without effect here: " + ", ".join(names)) if names else None
+
+
+def megatron_lm_checkpoint(path: str) -> bool:
+    """Whether ``path`` (a save directory or one iteration) holds a checkpoint written by Megatron-LM: the
+    iteration its tracker names has dist_checkpointing's metadata.json but no tri_meta.json (which
+    tri_megatron writes before its tracker names an iteration)."""
+    import os
+
+    tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
+    it_dir = path
+    if os.path.isfile(tracker):
+        it = open(tracker).read().strip()
+        it_dir = os.path.join(path, "release" if it == "release" else f"iter_{int(it):07d}") if (
+            it == "release" or it.isdigit()) else path
+    return os.path.isfile(os.path.join(it_dir, "metadata.json")) and not os.path.isfile(
+        os.path.join(it_dir, "tri_meta.json"))
+
+
+def check_load(load: Optional[str]) -> None:
+    """A Megatron-LM checkpoint given to --load: ArgumentError saying how to convert it (one line)."""
+    if load and megatron_lm_checkpoint(load):
+        raise ArgumentError(
+            f"--load {load}: written by Megatron-LM (no tri_meta.json), which --load does not read directly; convert "
+            f"it once: python tools/convert_checkpoint.py --to-hf {load} HF_DIR, then --from-hf HF_DIR TRI_DIR "
+            f"--target-tp T --target-pp P, and --load TRI_DIR (README: Coming from Megatron-LM)")

@@ -130,6 +130,7 @@ def config_from_namespace(ns: argparse.Namespace, world_size: int, rank: int = 0
     )
     validate(cfg)
     if check_disk:
+        megatron_flags.check_load(cfg.checkpoint.load)
         cfg = cfg.replace(checkpoint=cfg.checkpoint.resolved(rank))
         if not cfg.data.mock_data:
             from tri_megatron.data.provider import validate_data_args
