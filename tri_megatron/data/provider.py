@@ -9,6 +9,9 @@
     build_data(args, dp_rank=, dp_size=, train_samples=, eval_samples=) -> DataBundle   (collective when
                                  torch.distributed is initialised: rank 0 builds the caches first)
 
+`args` is RunConfig.data_args()'s flat view (or a parsed Namespace): its data flags are read once into the
+typed DataConfig (config.py); only seq_length, micro_batch_size, seed and vocab_size come from beside them.
+
 Domains: a --data-path prefix's domain is its file name without `_text_document` (data/ko_text_document
 -> ko) unless the schedule's `domains:` groups it; prefixes of one domain share its weight in proportion
 to their --data-path weights (or to their sizes when the blend has none). Without a schedule the blend is
@@ -32,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
 import numpy as np
+
+from .config import DataConfig
 
 logger = logging.getLogger("tri_megatron.data")
 
@@ -91,19 +96,23 @@ def _parse_split(split: str):
     return convert_split_vector_to_split_matrix(vector)
 
 
-def _plan(args) -> _Plan:
+def _data_config(args) -> DataConfig:
+    """The typed data part of ``args`` (a DataConfig itself, RunConfig.data_args()'s flat view, or a parsed
+    Namespace holding the data flags)."""
+    return args if isinstance(args, DataConfig) else DataConfig.from_args(args)
+
+
+def _plan(cfg: DataConfig, model_vocab: Optional[int]) -> _Plan:
     from .indexed import check_indexed_dataset
     from .schedule import load_schedule, resolve_domains
     from .tokenizer import TriTokenizer
 
-    prefixes, weights = _parse_blend(getattr(args, "data_path", None))
+    prefixes, weights = _parse_blend(cfg.data_path)
     for prefix in prefixes:
         check_indexed_dataset(prefix, "--data-path")
-    from .config import DataConfig
-
-    DataConfig.from_args(args).validate(context_parallel_size=int(getattr(args, "context_parallel_size", 1) or 1))
-    tokenizer = TriTokenizer(args.tokenizer) if getattr(args, "tokenizer", None) else None
-    schedule = load_schedule(args.data_mixture_schedule) if getattr(args, "data_mixture_schedule", None) else None
+    cfg.validate()
+    tokenizer = TriTokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    schedule = load_schedule(cfg.data_mixture_schedule) if cfg.data_mixture_schedule else None
     prefix_domains = resolve_domains(prefixes, schedule)
     present = list(dict.fromkeys(prefix_domains))
     if schedule is not None:
@@ -111,8 +120,7 @@ def _plan(args) -> _Plan:
         domains = list(schedule.domains)
     else:
         domains = present
-    split_matrix = _parse_split(getattr(args, "split", "98,2,0"))
-    model_vocab = getattr(args, "vocab_size", None)
+    split_matrix = _parse_split(cfg.split)
     if tokenizer is not None and model_vocab is not None and model_vocab < tokenizer.vocab_size:
         raise ValueError(f"--vocab-size {model_vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
                          f"({tokenizer.path}); pass --vocab-size {tokenizer.vocab_size} or more")
@@ -124,12 +132,11 @@ def _plan(args) -> _Plan:
 
 def validate_data_args(args) -> None:
     """Raises ValueError (one line naming the flag and the fix); for --mock-data only the file-free checks."""
-    if getattr(args, "mock_data", False):
-        from .config import DataConfig
-
-        DataConfig.from_args(args).validate(context_parallel_size=int(getattr(args, "context_parallel_size", 1) or 1))
+    cfg = _data_config(args)
+    if cfg.mock_data:
+        cfg.validate()
         return
-    _plan(args)
+    _plan(cfg, getattr(args, "vocab_size", None))
 
 
 def _rank0_first(fn):
@@ -155,7 +162,8 @@ def data_vocab_size(args) -> Optional[int]:
     """The tokenizer's vocabulary size when --tokenizer is given (cheap: reads only the tokenizer)."""
     from .tokenizer import TriTokenizer
 
-    return TriTokenizer(args.tokenizer).vocab_size if getattr(args, "tokenizer", None) else None
+    tokenizer = _data_config(args).tokenizer
+    return TriTokenizer(tokenizer).vocab_size if tokenizer else None
 
 
 def _collate(batch, eod_for_boundaries: Optional[int] = None):
@@ -243,17 +251,15 @@ def build_data(args, *, dp_rank: int, dp_size: int, train_samples: int, eval_sam
     from .mixture_index import build_or_load
     from .schedule import static_schedule
 
-    plan = _plan(args)
-    from .config import DataConfig
-
-    data_cfg = DataConfig.from_args(args)
+    data_cfg = _data_config(args)
+    model_vocab = getattr(args, "vocab_size", None)  # every sample's ids are checked against it (host side)
+    plan = _plan(data_cfg, model_vocab)
     seq_length, mbs = int(args.seq_length), int(args.micro_batch_size)
-    cache = args.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(plan.prefixes[0])), "cache")
+    cache = data_cfg.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(plan.prefixes[0])), "cache")
     tokenizer = plan.tokenizer or NoTokenizer()
     config = gpt_config(int(args.seed), seq_length, plan.prefixes, data_cfg.split, cache, tokenizer,
                         data_cfg.eod_mask_loss, data_cfg.reset_position_ids)
     domain_id = {d: i for i, d in enumerate(plan.domains)}
-    model_vocab = getattr(args, "vocab_size", None)  # every sample's ids are checked against it (host side)
     prefix_domain_ids = [domain_id[d] for d in plan.prefix_domains]
 
     def build():
@@ -315,7 +321,7 @@ def build_data(args, *, dp_rank: int, dp_size: int, train_samples: int, eval_sam
     schedule, index, train, valid, epochs, plan_key = _rank0_first(build)
     # same fingerprint => same sample at every global index both runs have (the index for N samples is a
     # prefix of the index for more), whatever --train-iters is; store it with checkpoints to catch changes
-    fingerprint = hashlib.md5(repr((plan_key, int(args.seed), seq_length, getattr(args, "split", None))).encode(),
+    fingerprint = hashlib.md5(repr((plan_key, int(args.seed), seq_length, data_cfg.split)).encode(),
                               usedforsecurity=False).hexdigest()
     bundle = DataBundle(
         vocab_size=plan.tokenizer.vocab_size if plan.tokenizer else None,
