@@ -89,6 +89,14 @@ def _vllm_weight_files(hf_dir):
     return [f for f in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))) if f in named]
 
 
+def _tensor(hf_dir, index, name):
+    from safetensors import safe_open
+
+    fname = json.load(open(os.path.join(hf_dir, f"{index}.safetensors.index.json")))["weight_map"][name]
+    with safe_open(os.path.join(hf_dir, fname), "pt") as st:
+        return st.get_tensor(name)
+
+
 def test_llama_export_loads_strictly_and_mtp_round_trips(trained, tmp_path, megatron_single_process):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
@@ -113,6 +121,14 @@ def test_llama_export_loads_strictly_and_mtp_round_trips(trained, tmp_path, mega
     mtp = json.load(open(os.path.join(hf, "mtp.safetensors.index.json")))["weight_map"]
     assert mtp and all(n.startswith("model.layers.4.") for n in mtp)  # MTP depth 0 = layer L (DeepSeek-V3 names)
     assert not set(mtp) & stored
+
+    # --layernorm-1p: the source's gammas are zero-centred, the export adds one (MTP norms too)
+    gamma = str(tmp_path / "gamma")
+    to_hf(src, gamma, zero_centered_gamma=True)
+    for name in ("model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.4.enorm.weight"):
+        index = "mtp" if name.startswith("model.layers.4.") else "model"
+        plain, shifted = (_tensor(d, index, name) for d in (hf, gamma))
+        assert torch.equal(shifted, plain + 1), name
 
     # the MTP heads are still exported exactly (read through both indexes) and come back on import
     result = check_parity(src, hf, TOL, seq_len=32)

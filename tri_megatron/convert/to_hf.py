@@ -22,6 +22,7 @@ their modeling code has the MTP layers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -138,7 +139,7 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, drop_mtp: bo
     ckpt = MegatronCheckpoint(ckpt_dir)  # validates before anything is written
     if zero_centered_gamma is not None:
         ckpt.model["layernorm_zero_centered_gamma"] = zero_centered_gamma
-        ckpt.arch.zero_centered_gamma = zero_centered_gamma
+        ckpt.arch = dataclasses.replace(ckpt.arch, layernorm_zero_centered_gamma=zero_centered_gamma)
     size = parse_size(max_shard_size)
     torch_dtype = DTYPES[dtype] if dtype and dtype != "auto" else None
     tmp = staging_dir(out_dir, overwrite)
