@@ -4,7 +4,9 @@
                                            [--window 4096] [--docs 4] [--block 512] [--reps 3]
                                            [--json out.json]
 
-Cases (one sequence of ``--seq`` tokens, GQA ``--heads``/``--groups``, fp32, forward + backward):
+Cases (one sequence of ``--seq`` tokens, GQA ``--heads``/``--groups``, ``--dtype`` (fp32) on ``--device``
+(cpu; ``cuda`` for a GPU, e.g. Tri-70B's ``--heads 64 --groups 8 --head-dim 128 --seq 32768``), forward +
+backward):
 
 * ``window``: one document, sliding window of ``--window`` keys (Tri-70B's RoPE layers);
 * ``packed``: ``--docs`` equal documents, causal inside each (``--reset-attention-mask``);
@@ -51,11 +53,10 @@ def _case_inputs(case: str, a):
     lengths[-1] += s - sum(lengths)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(s, a.heads, a.head_dim, generator=g)
-    k = torch.randn(s, a.groups, a.head_dim, generator=g)
-    v = torch.randn(s, a.groups, a.head_dim, generator=g)
-    w = torch.randn(s, a.heads, a.head_dim, generator=g)
-    return q, k, v, w, cu, max(lengths), window
+    dtype = getattr(torch, a.dtype)
+    q, k, v, w = (torch.randn(s, n, a.head_dim, generator=g).to(device=a.device, dtype=dtype)
+                  for n in (a.heads, a.groups, a.groups, a.heads))
+    return q, k, v, w, cu.to(a.device), max(lengths), window
 
 
 def _attend_fn(case: str, way: str, a):
@@ -73,7 +74,7 @@ def _attend_fn(case: str, way: str, a):
     else:
         def attend(q, k, v):
             s = q.shape[0]
-            tok = torch.arange(s)
+            tok = torch.arange(s, device=q.device)
             doc = torch.searchsorted(cu[1:].long(), tok, right=True)
             mask = (doc[:, None] == doc[None, :]) & (tok[None, :] <= tok[:, None])
             if window is not None:
@@ -98,6 +99,8 @@ def _worker(case: str, way: str, a) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
+    cuda = a.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if way == "time":
         steps = {w: _attend_fn(case, w, a) for w in ("dense", "blocked")}
         times = {w: [] for w in steps}
@@ -105,19 +108,29 @@ def _worker(case: str, way: str, a) -> dict:
             steps[w]()  # warm-up
         for _ in range(a.reps):
             for w, step in steps.items():
+                sync()
                 t0 = time.perf_counter()
                 step()
+                sync()
                 times[w].append(time.perf_counter() - t0)
         return {"case": case, "times_s": times}
     step = _attend_fn(case, way, a)
     step()  # warm-up
-    base = _vm("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current resident size
-    out, grads = step()
-    peak = _vm("VmHWM") - base
+    if cuda:  # device memory: peak allocated above what the inputs hold
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out, grads = step()
+        sync()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _vm("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current resident size
+        out, grads = step()
+        peak = _vm("VmHWM") - base
     path = os.path.join(a.scratch, f"{case}-{way}.pt")
-    torch.save({"out": out, "grads": grads}, path)
+    torch.save({"out": out.float().cpu(), "grads": [x.float().cpu() for x in grads]}, path)
     return {"case": case, "way": way, "peak_extra_bytes": peak, "result": path}
 
 
@@ -132,6 +145,8 @@ def main(argv=None):
     p.add_argument("--block", type=int, default=512, help="queries per block of the blocked path")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (peak = torch.cuda.max_memory_allocated)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--cases", default="window,packed,packed+window")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", nargs=2, metavar=("CASE", "WAY"), help=argparse.SUPPRESS)
@@ -148,6 +163,11 @@ def main(argv=None):
     import tempfile
 
     import torch
+
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"bench_packed_attention.py: error: --device {a.device}: no CUDA device here; use --device cpu",
+              file=sys.stderr)
+        return 2
 
     rows = []
 
@@ -174,7 +194,7 @@ def main(argv=None):
                              "max_abs_diff_vs_dense": err})
     summary = []
     print(f"s={a.seq} heads={a.heads} groups={a.groups} head_dim={a.head_dim} window={a.window} docs={a.docs} "
-          f"fp32 CPU threads={a.threads}, forward+backward, median of {a.reps}")
+          f"block={a.block} {a.dtype} {a.device} threads={a.threads}, forward+backward, median of {a.reps}")
     print("| case | way | time (s) | peak extra memory (MiB) | max abs diff |")
     print("|---|---|---|---|---|")
     for r in rows:
