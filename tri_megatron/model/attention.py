@@ -260,7 +260,7 @@ class SDPACoreAttention(FusedRopeMixin, MegatronModule):
             thd = [x.transpose(0, 1).reshape(b * sq, *x.shape[2:]) for x in (query, key, value)]
             cu = torch.arange(0, b * sq + 1, sq, device=query.device, dtype=torch.int32)
             out = self._attend_packed(*thd, cu, sq)
-            return out.view(b, sq, self.num_heads * out.shape[-1]).transpose(0, 1).contiguous()
+            return out.reshape(b, sq, self.num_heads * out.shape[-1]).transpose(0, 1).contiguous()
         sq, b, _, d = query.shape
         q = query.permute(1, 2, 0, 3)  # [b, h, s, d]
         if self.cp_group is None:
