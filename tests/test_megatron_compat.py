@@ -20,6 +20,7 @@ MEGATRON_ARGS = [
     "--train-samples", "160", "--lr-decay-samples", "120", "--lr-warmup-samples", "16",
     "--lr-decay-style", "WSD", "--lr-wsd-decay-style", "exponential", "--lr-wsd-decay-samples", "40",
     "--no-masked-softmax-fusion", "--init-method-std", "0.01", "--weight-decay", "0.05",
+    "--recompute-activations", "--dataloader-type", "single", "--log-timers-to-tensorboard",
 ]
 
 
@@ -34,6 +35,7 @@ def test_megatron_command_line_resolves_with_megatron_meaning():
     assert cfg.optim.lr_decay_style == "WSD" and cfg.optim.lr_wsd_decay_style == "exponential"
     assert cfg.training.attention_backend == "fused"
     assert cfg.arch.init_method_std == 0.01 and cfg.optim.weight_decay == 0.05
+    assert cfg.training.recompute_granularity == "selective"
     assert "--train-samples 160" in cfg.megatron_flags and "--swiglu" in cfg.megatron_flags
 
 
@@ -83,6 +85,8 @@ def test_contradicting_architecture_names_the_preset(flag, value):
     (["--train-iters", "10", "--lr-warmup-fraction", "0.05"], "--lr-warmup-iters 0"),
     (["--make-vocab-size-divisible-by", "100"], "pads to a multiple of 128"),
     (["--vocab-file", "gpt2-vocab.json"], "tokenizer.json"),
+    (["--dataloader-type", "cyclic"], "only the single"),
+    (["--lr-warmup-init", "1e-5"], "warm-up starts from 0"),
 ])
 def test_unsupported_is_refused_in_one_line(argv, match):
     with pytest.raises(ArgumentError, match=match) as e:

@@ -80,6 +80,13 @@ MEGATRON_FLAGS: Tuple[MegatronFlag, ...] = (
     MegatronFlag("--optimizer", "accepted", "Adam(W) with --weight-decay, as Megatron's adam",
                  _value(), _only("adam", why="only adam (AdamW) is supported")),
     MegatronFlag("--no-create-attention-mask-in-dataloader", "accepted", "no attention mask is ever materialised"),
+    MegatronFlag("--recompute-activations", "accepted", "= --recompute-granularity selective"),
+    MegatronFlag("--dataloader-type", "accepted", "single: each sample once per epoch, resumable from the position",
+                 _value(), _only("single", why="only the single (resumable, Megatron's default) order is supported")),
+    MegatronFlag("--lr-warmup-init", "accepted", "warm-up starts from 0, as Megatron's default",
+                 _value(type=float), lambda v: None if v == 0 else "warm-up starts from 0 here; pass 0 or drop it"),
+    MegatronFlag("--weight-decay-incr-style", "accepted", "constant --weight-decay",
+                 _value(), _only("constant", why="weight decay is constant (--weight-decay); pass constant")),
     # ---- sample-based schedules, converted into iterations exactly
     MegatronFlag("--train-samples", "accepted", "converted: --train-iters = samples / --global-batch-size (exactly)",
                  _value(type=int)),
@@ -123,6 +130,12 @@ MEGATRON_FLAGS: Tuple[MegatronFlag, ...] = (
     MegatronFlag("--accumulate-allreduce-grads-in-fp32", "ignored",
                  "gradients accumulate in fp32 main_grad (megatron-core DDP) already"),
     MegatronFlag("--attention-softmax-in-fp32", "ignored", "the attention kernels compute softmax in fp32"),
+    MegatronFlag("--no-mmap-bin-files", "ignored", "the .bin files are always memory-mapped"),
+    MegatronFlag("--no-save-rng", "ignored", "RNG states are always saved (restored under the same layout only)"),
+    *(MegatronFlag(f, "ignored", "the console, --tensorboard-dir and --log-json record what they record")
+      for f in ("--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard")),
+    *(MegatronFlag(f, "ignored", "the console, --tensorboard-dir and --log-json record what they record",
+                   _value(type=int)) for f in ("--timing-log-level", "--tensorboard-queue-size")),
     # ---- refused
     MegatronFlag("--fp16", "refused", "fp16 training (with loss scaling) is not supported; use --bf16"),
     MegatronFlag("--use-legacy-models", "refused", "only megatron-core models are supported"),
@@ -145,6 +158,8 @@ MEGATRON_FLAGS: Tuple[MegatronFlag, ...] = (
     MegatronFlag("--rotary-seq-len-interpolation-factor", "refused", "RoPE interpolation is not supported",
                  _value(type=float)),
     MegatronFlag("--tp-comm-overlap", "refused", "TE userbuffer TP overlap is not wired in; drop the flag"),
+    MegatronFlag("--use-checkpoint-args", "refused", "the model comes from --model and its flags; a checkpoint's "
+                 "tri_meta.json is checked against them"),
 )
 
 _BY_FLAG: Dict[str, MegatronFlag] = {f.flag: f for f in MEGATRON_FLAGS}
@@ -194,6 +209,8 @@ def apply(ns: argparse.Namespace) -> None:
         raise ArgumentError("--tokenizer-type NullTokenizer takes no --tokenizer-model; pass HuggingFaceTokenizer")
     if flags.get("--tokenizer-type") == "HuggingFaceTokenizer" and not ns.tokenizer:
         raise ArgumentError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR|tokenizer.json")
+    if "--recompute-activations" in flags and ns.recompute_granularity is None:
+        ns.recompute_granularity = "selective"
     gbs = ns.global_batch_size
     pairs = (("--train-samples", "train_iters", "--train-iters"),
              ("--lr-decay-samples", "lr_decay_iters", "--lr-decay-iters"),
