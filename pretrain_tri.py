@@ -136,6 +136,12 @@ def main(argv=None) -> list:
         reason = trainer.exit_reason[0] if trainer.exit_reason else None
         if reason == "nonfinite":
             sys.exit(fault.EXIT_NONFINITE)
+        if reason == "save_failed":  # e.g. a full disk: the previous checkpoint stays the latest
+            from tri_megatron.training.checkpointing import EXIT_SAVE_FAILED
+
+            if env["rank"] == 0:
+                print(f"pretrain_tri.py: error: {trainer.exit_reason[1]}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_SAVE_FAILED)
         if (cfg.fault.slurm_requeue and env["rank"] == 0 and reason in ("signal", "duration")
                 and trainer.iteration < cfg.training.train_iters):
             if lock is not None:

@@ -14,6 +14,14 @@ that tests (tests/test_fault.py, tests/test_robustness.py, tests/test_slurm.py) 
   files into the temporary directory (before the barrier and the rename), write ``pause-rank<R>.pid``
   (its pid) there and sleep up to SECONDS (60 if not given; less if an exit signal arrives), so that a
   test can SIGKILL it mid-save. Hook point: ``pause_in_save`` before a checkpoint is committed.
+* ``TRI_TEST_PAUSE_IN_SHARD_WRITE=ITER:SECONDS``: the process writing this rank's shards of ITER's
+  checkpoint (with --async-save, the background writer) writes ``writer-rank<R>.pid`` into the temporary
+  directory and sleeps SECONDS (60 if not given) before writing, so that a test can see training go on
+  while the save is pending, and crash it then. Hook point: ``wrap_shard_writer``.
+* ``TRI_TEST_DISK_FULL_IN_SAVE=ITER[:RANK]``: the shard writer of RANK (every rank if not given) writes a
+  few KiB of its first shard file and then fails as a full disk does: it reports
+  ``OSError(ENOSPC)`` to megatron-core the way megatron's own writer processes report theirs. Hook point:
+  ``wrap_shard_writer``.
 
 This module imports nothing from the package at import time (the argument parser imports it).
 """
@@ -27,6 +35,8 @@ from typing import Iterable
 
 ITER_SLEEP_ENV = "TRI_TEST_ITER_SLEEP_S"
 PAUSE_IN_SAVE_ENV = "TRI_TEST_PAUSE_IN_SAVE"
+PAUSE_IN_SHARD_WRITE_ENV = "TRI_TEST_PAUSE_IN_SHARD_WRITE"
+DISK_FULL_ENV = "TRI_TEST_DISK_FULL_IN_SAVE"
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -70,3 +80,32 @@ def pause_in_save(tmp_dir: str, iteration: int, rank: int) -> None:
     deadline = time.time() + float(seconds or 60)
     while time.time() < deadline and signal_received() is None:
         time.sleep(0.05)
+
+
+def wrap_shard_writer(write, tmp_dir: str, iteration: int):
+    """``write``: megatron-core's shard writer of one save, called as write(rank, write_buckets,
+    results_queue) (in the background with --async-save). Returned unchanged unless
+    TRI_TEST_PAUSE_IN_SHARD_WRITE or TRI_TEST_DISK_FULL_IN_SAVE name this iteration."""
+    pause = os.environ.get(PAUSE_IN_SHARD_WRITE_ENV, "")
+    full = os.environ.get(DISK_FULL_ENV, "")
+    pause_it, _, pause_s = pause.partition(":")
+    full_it, _, full_rank = full.partition(":")
+    if str(iteration) not in (pause_it, full_it):
+        return write
+
+    def hooked(rank, write_buckets, results_queue, *args, **kwargs):
+        if pause_it == str(iteration):
+            with open(os.path.join(tmp_dir, f"writer-rank{rank}.pid"), "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(float(pause_s or 60))
+        if full_it == str(iteration) and full_rank in ("", str(rank)):
+            import errno
+
+            first_file = write_buckets[0][0]
+            with open(first_file, "wb") as f:  # what a full disk leaves: the start of a shard
+                f.write(b"\0" * 4096)
+            results_queue.put(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), first_file))
+            return None
+        return write(rank, write_buckets, results_queue, *args, **kwargs)
+
+    return hooked

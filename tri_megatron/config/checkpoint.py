@@ -1,5 +1,9 @@
-"""Checkpoint settings: where a run saves and what it loads, how often, and auto-resume; flags, the
-resolution of ``--load`` against the disk, and checks."""
+"""Checkpoint settings: where a run saves and what it loads, how often, asynchronously or not, how many it
+keeps, and auto-resume; flags, the resolution of ``--load`` against the disk, and checks.
+
+What to load follows Megatron: ``--no-load-optim`` keeps a fresh optimizer and learning-rate schedule
+(the iteration and consumed samples are loaded), ``--no-load-rng`` keeps this run's seeded RNG, and
+``--finetune`` loads the weights only (iteration and consumed samples start at 0)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,11 @@ class CheckpointConfig:
     save_interval: int = 0
     no_save_optim: bool = False
     exit_on_missing_checkpoint: bool = False
+    async_save: bool = False
+    keep_last_n: int = 0
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    finetune: bool = False
     auto_resume: bool = False
     """--load was not given and --save already holds a complete checkpoint, which the run continues."""
 
@@ -32,6 +41,18 @@ class CheckpointConfig:
         g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                        help="exit 2 when --load holds no checkpoint (default: --load X --save X on an empty X starts "
                             "from scratch with a warning, as Megatron)")
+        g.add_argument("--async-save", action="store_true",
+                       help="write checkpoints in the background (megatron-core's asynchronous torch_dist save) while "
+                            "training continues; a checkpoint becomes the latest only once complete")
+        g.add_argument("--keep-last-n", type=int, default=0, metavar="N",
+                       help="keep only the N newest checkpoints in --save (0 = all); never deletes the newest one or "
+                            "one a Hugging Face export is still reading")
+        g.add_argument("--no-load-optim", action="store_true",
+                       help="do not load the optimizer state nor the learning-rate schedule (as Megatron)")
+        g.add_argument("--no-load-rng", action="store_true", help="do not load the RNG states (as Megatron)")
+        g.add_argument("--finetune", action="store_true",
+                       help="load the weights only: no optimizer, schedule or RNG state; iteration and consumed "
+                            "samples start at 0 (as Megatron)")
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "CheckpointConfig":
@@ -43,6 +64,18 @@ class CheckpointConfig:
             raise ArgumentError("--save-interval needs --save DIR")
         if self.save_interval < 0:
             raise ArgumentError(f"--save-interval {self.save_interval}: must be >= 0")
+        if self.async_save and not self.save:
+            raise ArgumentError("--async-save needs --save DIR")
+        if self.keep_last_n < 0:
+            raise ArgumentError(f"--keep-last-n {self.keep_last_n}: must be >= 1 (or 0 to keep every checkpoint)")
+        if self.keep_last_n and not self.save:
+            raise ArgumentError("--keep-last-n needs --save DIR")
+        if self.finetune and not self.load:
+            raise ArgumentError("--finetune needs --load DIR (the checkpoint whose weights the run starts from)")
+        if self.finetune and self.save and os.path.realpath(self.load) == os.path.realpath(self.save):
+            raise ArgumentError(f"--finetune --load {self.load} --save {self.save}: the finetuned run would restart at "
+                                f"iteration 0 over the checkpoints it loads from (and again at every requeue); "
+                                f"give --save another directory")
 
     def resolved(self, rank: int = 0) -> "CheckpointConfig":
         """What the run loads, decided from the disk: a --save directory that already holds a complete

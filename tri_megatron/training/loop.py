@@ -45,9 +45,10 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.last_saved_iteration = None  # no need to save again what --save already holds
+        self.checkpoints = checkpointing.CheckpointWriter(ckpt, self.rt) if ckpt.save else None
         if ckpt.load:
             self.iteration, self.consumed_samples = checkpointing.load_checkpoint(
-                ckpt.load, self.model, self.optimizer, self.scheduler, cfg.parallel, self.rt)
+                ckpt.load, self.model, self.optimizer, self.scheduler, cfg.parallel, self.rt, options=ckpt)
             if ckpt.save and os.path.realpath(ckpt.load) == os.path.realpath(ckpt.save):
                 self.last_saved_iteration = self.iteration
         self.exit_conditions = fault.ExitConditions(cfg.fault)
@@ -188,8 +189,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self, data, logger, on_save=None) -> list:
-        cfg, tr, ckpt = self.cfg, self.cfg.training, self.cfg.checkpoint
+        """Train to --train-iters (or an exit condition); the run ends once its checkpoints are committed.
+        A checkpoint that cannot be written stops the run: exit_reason ("save_failed", one line)."""
         history = []
+        try:
+            self._train_loop(data, logger, on_save, history)
+            if self.checkpoints is not None:
+                self.checkpoints.wait()  # --async-save: the last checkpoint is complete before the run ends
+        except checkpointing.CheckpointSaveError as e:
+            self.exit_reason = ("save_failed", str(e))
+        return history
+
+    def _train_loop(self, data, logger, on_save, history: list) -> list:
+        cfg, tr, ckpt = self.cfg, self.cfg.training, self.cfg.checkpoint
         tokens_per_iter = tr.tokens_per_iteration
         mflops = model_flops_per_iteration(cfg.arch, tr.seq_length, tokens_per_iter)
         hflops = hardware_flops_per_iteration(cfg.arch, tr.seq_length, tokens_per_iter, **tr.recompute(),
@@ -255,6 +267,8 @@ class Trainer:
                 self.nonfinite_policy.observe([])
             if tr.eval_interval and self.iteration % tr.eval_interval == 0:
                 logger.eval(self.iteration, self.evaluate(data))
+            if self.checkpoints is not None:
+                self.checkpoints.poll()  # --async-save: commit the background save once every rank wrote it
             stop = self.exit_conditions.check(self.iteration)
             if ckpt.save and ((ckpt.save_interval and self.iteration % ckpt.save_interval == 0) or stop):
                 self.save(on_save)
@@ -272,12 +286,20 @@ class Trainer:
             print(f"tri_megatron: {text}", flush=True)
 
     def save(self, on_save=None) -> str:
+        """Save this iteration's checkpoint (in the background with --async-save); once committed,
+        ``on_save(iteration, path)`` runs (e.g. an HF export) and --keep-last-n rotates."""
         self._save_started[self.iteration] = time.time()  # the commit's console line says how long it took
-        path = checkpointing.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer,
-                                             self.scheduler, self.consumed_samples, self.cfg, self.rt)
+        path = self.checkpoints.save(self.iteration, self.model, self.optimizer, self.scheduler,
+                                     self.consumed_samples, self.cfg, on_commit=partial(self._committed, on_save))
         self.last_saved_iteration = self.iteration
-        if self._logger is not None:
-            self._logger.checkpoint_saved(self.iteration, path, time.time() - self._save_started.pop(self.iteration))
-        if on_save:
-            on_save(self.iteration, path)
         return path
+
+    def _committed(self, on_save, iteration: int, path: str) -> None:
+        if self._logger is not None:
+            self._logger.checkpoint_saved(iteration, path, time.time() - self._save_started.pop(iteration, time.time()),
+                                          background=self.cfg.checkpoint.async_save)
+        if on_save:
+            on_save(iteration, path)
+        keep = self.cfg.checkpoint.keep_last_n
+        if keep and dist.get_rank() == 0:
+            checkpointing.rotate_checkpoints(self.cfg.checkpoint.save, keep, iteration, on_save)
