@@ -113,6 +113,9 @@ def test_table_has_no_duplicates_and_every_kind_has_a_reason():
     flags = [f.flag for f in MEGATRON_FLAGS]
     assert len(flags) == len(set(flags))
     assert all(f.kind in ("accepted", "checked", "ignored", "refused") and f.reason for f in MEGATRON_FLAGS)
+    from tri_megatron.config import build_parser
+
+    assert "--use-mcore-models" in build_parser().format_help()  # the help text renders (argparse %-formats it)
 
 
 def test_argument_error_is_one_line_once_under_torchrun():

@@ -2,7 +2,9 @@
 from the command line.
 
 ``build_parser`` collects the flags each part declares (model, parallelism, training, optimizer, data,
-checkpointing, fault tolerance, logging, Hugging Face exports, test hooks). ``load_run_config`` turns
+checkpointing, fault tolerance, logging, Hugging Face exports, test hooks), the Megatron-LM compatibility
+flags (megatron_flags.py) and ``--config FILE.yaml`` (config_file.py, expanded before parsing); its errors
+are one ArgumentError line, not argparse's usage text. ``load_run_config`` turns
 a command line into a ``RunConfig`` in three separate steps: resolve the defaults (the preset, the
 tokenizer's vocabulary, the sequence length, the decay length, the data-parallel size), validate
 (pure checks, each raising ``ArgumentError`` with one line naming the flag and the fix), then look at
