@@ -67,7 +67,7 @@ from tri_megatron.local_dist import free_port  # noqa: E402 (standard library on
 STAGES = ("kernels", "tests", "train", "bench", "mfu")
 TIMEOUTS = {"kernels": 150, "tests": 90, "train": 120, "bench": 90, "mfu": 150}  # seconds, each a cap
 FEATURES = {
-    "mtp_fused": ["--mtp-num-layers", "1", "--fused-mtp-loss"],
+    "mtp_fused": ["--mtp-num-layers", "1", "--fused-loss"],
     "ssmax": ["--ssmax"],
     "tri70b_style": ["--no-rope-freq", "4", "--window-size", "16", "--window-attn-skip-freq", "4",
                      "--attn-temperature-tuning"],

@@ -41,6 +41,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention, make_sharded_tensors_for_checkpoint
 
+from tri_megatron.mcore_internals import divert_rotary_pos_emb, is_inference_call
 from tri_megatron.model.query_scaling import QueryScaling
 from tri_megatron.ops import apply_rope_and_query_scale, kernels_available
 
@@ -100,11 +101,10 @@ class TriSelfAttention(SelfAttention):
 
     def forward(self, hidden_states, attention_mask, *args, **kwargs):
         core = self.core_attention
-        if getattr(core, "fuse_rope", False) and kwargs.get("inference_context") is None \
-                and kwargs.get("inference_params") is None:
+        if getattr(core, "fuse_rope", False) and not is_inference_call(kwargs):
             no_rope = self.config.no_rope_freq[self.layer_number - 1] if self.config.no_rope_freq else False
-            core.pending_freqs = None if no_rope else kwargs.get("rotary_pos_emb")
-            kwargs["rotary_pos_emb"] = None
+            freqs = divert_rotary_pos_emb(kwargs)  # megatron then rotates neither q nor k (the seam)
+            core.pending_freqs = None if no_rope else freqs
         elif getattr(core, "fuse_rope", False):
             raise NotImplementedError("the fused RoPE / query-scaling path is for training; use the HF export for inference")
         return super().forward(hidden_states, attention_mask, *args, **kwargs)

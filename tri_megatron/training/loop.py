@@ -100,9 +100,9 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch = self._device_batch(next(data_iterator))
+        packed = {"packed_seq_params": batch["packed_seq_params"]} if "packed_seq_params" in batch else {}
         output = model(batch["tokens"], batch["position_ids"], None,
-                       labels=batch["labels"], loss_mask=batch["loss_mask"],
-                       packed_seq_params=batch.get("packed_seq_params"))
+                       labels=batch["labels"], loss_mask=batch["loss_mask"], **packed)
         if self._poison:
             output = test_hooks.poison(output)
         return output, partial(self._loss_func, batch["loss_mask"])
