@@ -18,6 +18,14 @@ from test_fault import _poll, _records, _start, _wait, _worker_pid
 ASYNC = [*TINY, "--train-iters", "8", "--save-interval", "2", "--async-save"]
 
 
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a dead child its new parent has not reaped yet)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def _tracker(ckpt) -> str:
     return open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read().strip()
 
@@ -35,12 +43,12 @@ def async_runs(tmp_path_factory):
           proc, log)
     writer = int(open(pidfile).read())
     _poll("iteration 5", lambda: len(_records(js)) >= 5, proc, log)
-    during = {"tracker": _tracker(ckpt), "writer_alive": os.path.exists(f"/proc/{writer}"),
+    during = {"tracker": _tracker(ckpt), "writer_alive": _alive(writer),
               "iterations": [r["iteration"] for r in _records(js)]}
     os.kill(_worker_pid(proc.pid, 0), signal.SIGKILL)
     rc = _wait(proc, log)
     time.sleep(0.5)
-    after = {"rc": rc, "tracker": _tracker(ckpt), "writer_alive": os.path.exists(f"/proc/{writer}"),
+    after = {"rc": rc, "tracker": _tracker(ckpt), "writer_alive": _alive(writer),
              "listing": sorted(os.listdir(ckpt)), "killed": _records(js)}
     resumed = train(2, [*ASYNC, "--save", ckpt, "--keep-last-n", "2"], str(d / "run2.jsonl"))
     return {"dir": d, "ckpt": ckpt, "during": during, "after": after, "resumed": resumed}
