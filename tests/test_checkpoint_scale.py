@@ -168,3 +168,16 @@ def test_rotation_keeps_the_newest_and_those_an_export_reads(tmp_path):
     assert sorted(os.path.basename(p) for p in removed) == ["iter_0000002", "iter_0000006"]
     assert len(rotate_checkpoints(str(tmp_path), 1, 10)) == 2  # no export running now: only the newest stays
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith("iter_") and ".tmp" not in p) == ["iter_0000010"]
+
+
+def test_disk_full_in_a_background_save_stops_the_run_before_the_next_save(tmp_path):
+    ckpt, js = tmp_path / "ckpt", tmp_path / "log.jsonl"
+    proc = run(2, [*ASYNC, "--save", str(ckpt), "--log-json", str(js)], check=False, timeout=300,
+               extra_env={"TRI_TEST_DISK_FULL_IN_SAVE": "4:0"})
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("pretrain_tri.py: error:")]
+    assert len(errors) == 1 and "iteration 4" in errors[0] and "No space left on device" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stdout and "[rank" not in proc.stderr  # torchrun's own exit report only
+    # found by the commit check after iteration 5 or at the latest by the save of 6, which waits for it
+    assert [r["iteration"] for r in _records(js)][-1] in (5, 6)
+    assert _tracker(ckpt) == "2" and sorted(os.listdir(ckpt)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
