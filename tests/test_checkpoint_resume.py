@@ -66,6 +66,13 @@ def test_distributed_checkpoint_at_dp2_continues_with_plain_adam_at_dp1(switched
     assert c[0]["lm_loss"] == pytest.approx(switched["a"][4]["lm_loss"], abs=1e-5)
 
 
+def test_distributed_checkpoint_at_dp2_continues_distributed_at_dp1(switched):
+    d = train(1, [*TINY, "--train-iters", "4", "--load", str(switched["dir"] / "b" / "iter_0000003"),
+                  "--use-distributed-optimizer"], str(switched["dir"] / "d.jsonl"))
+    assert [r["iteration"] for r in d] == [4]
+    assert d[0]["lm_loss"] == pytest.approx(switched["b"][4]["lm_loss"], abs=1e-5)
+
+
 # ------------------------------------------------------------------ --finetune, --no-load-optim, --no-load-rng
 def _adam(trainer) -> dict:
     """param -> (exp_avg, step) of the (plain) optimizer's torch Adam."""
