@@ -202,9 +202,8 @@ class Trainer:
 
     def _train_loop(self, data, logger, on_save, history: list) -> list:
         cfg, tr, ckpt = self.cfg, self.cfg.training, self.cfg.checkpoint
-        tokens_per_iter = tr.tokens_per_iteration
-        mflops = model_flops_per_iteration(cfg.arch, tr.seq_length, tokens_per_iter)
-        hflops = hardware_flops_per_iteration(cfg.arch, tr.seq_length, tokens_per_iter, **tr.recompute(),
+        mflops = model_flops_per_iteration(cfg.arch, tr.seq_length, tr.tokens_per_iteration)
+        hflops = hardware_flops_per_iteration(cfg.arch, tr.seq_length, tr.tokens_per_iteration, **tr.recompute(),
                                               pp=cfg.parallel.pp, vpp=cfg.parallel.vpp)
         # each model chunk walks the same micro-batch sequence from the same position
         it = self._iterators(lambda: data.train_iterator(self.consumed_samples))
@@ -225,46 +224,12 @@ class Trainer:
             dt = time.time() - t0
             self.iteration += 1
             self.consumed_samples += tr.global_batch_size
-            tflops = mflops / dt / self.world_size / 1e12
-            record = {
-                "iteration": self.iteration,
-                "lm_loss": out["lm_loss"],
-                "mtp_loss": out["mtp_loss"],
-                "grad_norm": out["grad_norm"],
-                "lr": lr,
-                "tokens_per_sec": tokens_per_iter / dt,
-                "tflops_per_device": tflops,
-                "hfu_tflops_per_device": hflops / dt / self.world_size / 1e12,
-                "mfu": tflops / self.peak_tflops if self.peak_tflops else None,  # Megatron convention
-                "hfu": hflops / dt / self.world_size / 1e12 / self.peak_tflops if self.peak_tflops else None,
-                "step_time_s": dt,
-                "consumed_samples": self.consumed_samples,
-                "consumed_tokens": self.consumed_samples * tr.seq_length,
-                "skipped": out["skipped"],
-            }
-            if hasattr(data, "weights_at"):  # the data mixture's scheduled weights at consumed_samples
-                record["mixture"] = data.weights_at(self.consumed_samples)
-            if out["nonfinite"]:
-                record["nonfinite"] = out["nonfinite"]
-            console = self.iteration % cfg.logging.log_interval == 0
-            if console:  # every rank: the memory of the interval, maximum over ranks
-                record.update(memory_stats(self.rt, cfg.logging.log_memory))
+            record = self._record(out, lr, dt, mflops, hflops, data)
             history.append(record)
-            logger.iteration(record, console=console)
+            logger.iteration(record, console=self.iteration % cfg.logging.log_interval == 0)
             test_hooks.iteration_sleep()
-            if out["nonfinite"]:
-                action = self.nonfinite_policy.observe(out["nonfinite"])
-                self._say(f"iteration {self.iteration}: non-finite {', '.join(out['nonfinite'])} "
-                          f"(lm_loss={out['lm_loss']}, grad_norm={out['grad_norm']}); "
-                          + ("update skipped" if out["skipped"] else "update applied (the gradients were finite)")
-                          + ("; stopping (--on-nonfinite stop / --max-nonfinite-skips), no checkpoint written"
-                             if action == "stop" else ""))
-                if action == "stop":
-                    self.exit_reason = ("nonfinite", f"non-finite {', '.join(out['nonfinite'])} at iteration "
-                                                     f"{self.iteration}")
-                    return history
-            else:
-                self.nonfinite_policy.observe([])
+            if self._stops_on_nonfinite(out):
+                return history
             if tr.eval_interval and self.iteration % tr.eval_interval == 0:
                 logger.eval(self.iteration, self.evaluate(data))
             if self.checkpoints is not None:
@@ -280,6 +245,51 @@ class Trainer:
         if ckpt.save and self.iteration != self.last_saved_iteration:
             self.save(on_save)
         return history
+
+    def _record(self, out: dict, lr: float, dt: float, mflops: float, hflops: float, data) -> dict:
+        """The iteration's record (console, --log-json, TensorBoard, W&B): losses, throughput and MFU/HFU
+        (Megatron's convention), consumed samples and tokens, the data mixture's weights, memory."""
+        cfg, tr = self.cfg, self.cfg.training
+        tflops = mflops / dt / self.world_size / 1e12
+        hfu_tflops = hflops / dt / self.world_size / 1e12
+        record = {
+            "iteration": self.iteration,
+            "lm_loss": out["lm_loss"],
+            "mtp_loss": out["mtp_loss"],
+            "grad_norm": out["grad_norm"],
+            "lr": lr,
+            "tokens_per_sec": tr.tokens_per_iteration / dt,
+            "tflops_per_device": tflops,
+            "hfu_tflops_per_device": hfu_tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "hfu": hfu_tflops / self.peak_tflops if self.peak_tflops else None,
+            "step_time_s": dt,
+            "consumed_samples": self.consumed_samples,
+            "consumed_tokens": self.consumed_samples * tr.seq_length,
+            "skipped": out["skipped"],
+        }
+        if hasattr(data, "weights_at"):  # the data mixture's scheduled weights at consumed_samples
+            record["mixture"] = data.weights_at(self.consumed_samples)
+        if out["nonfinite"]:
+            record["nonfinite"] = out["nonfinite"]
+        if self.iteration % cfg.logging.log_interval == 0:  # every rank: the interval's memory, max over ranks
+            record.update(memory_stats(self.rt, cfg.logging.log_memory))
+        return record
+
+    def _stops_on_nonfinite(self, out: dict) -> bool:
+        """Apply --on-nonfinite / --max-nonfinite-skips to this step; True when the run must stop (unsaved)."""
+        if not out["nonfinite"]:
+            self.nonfinite_policy.observe([])
+            return False
+        action = self.nonfinite_policy.observe(out["nonfinite"])
+        self._say(f"iteration {self.iteration}: non-finite {', '.join(out['nonfinite'])} "
+                  f"(lm_loss={out['lm_loss']}, grad_norm={out['grad_norm']}); "
+                  + ("update skipped" if out["skipped"] else "update applied (the gradients were finite)")
+                  + ("; stopping (--on-nonfinite stop / --max-nonfinite-skips), no checkpoint written"
+                     if action == "stop" else ""))
+        if action == "stop":
+            self.exit_reason = ("nonfinite", f"non-finite {', '.join(out['nonfinite'])} at iteration {self.iteration}")
+        return action == "stop"
 
     def _say(self, text: str) -> None:
         if dist.get_rank() == 0:
