@@ -100,7 +100,7 @@ def main(argv=None) -> list:
     except DeviceError as e:  # the ranks decided differently: all of them stop here
         print(f"pretrain_tri.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    from tri_megatron.training.checkpointing import lock_save_dir
+    from tri_megatron.training.save_lock import lock_save_dir
 
     ckpt = cfg.checkpoint
     lock, locked = lock_save_dir(ckpt.save, env["rank"])  # before anything is read from or written to --save

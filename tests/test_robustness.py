@@ -222,7 +222,7 @@ def test_save_and_load_the_same_empty_dir_starts_from_scratch(tmp_path, monkeypa
 def _write_lock(save, **record):
     import socket
 
-    from tri_megatron.training.checkpointing import LOCK
+    from tri_megatron.training.save_lock import LOCK
 
     save.mkdir(parents=True, exist_ok=True)
     rec = {"host": socket.gethostname(), "pid": None, "slurm_job_id": "4242", "start_time": "2026-01-01T00:00:00",
@@ -241,7 +241,7 @@ def live_pid():
 
 
 def test_lock_held_by_a_live_run_on_this_host(tmp_path, live_pid):
-    from tri_megatron.training.checkpointing import SaveDirLock, SaveDirLocked
+    from tri_megatron.training.save_lock import SaveDirLock, SaveDirLocked
 
     path = _write_lock(tmp_path / "save", pid=live_pid)
     with pytest.raises(SaveDirLocked, match=rf"pid {live_pid}, SLURM job 4242, started 2026-01-01"):
@@ -250,7 +250,7 @@ def test_lock_held_by_a_live_run_on_this_host(tmp_path, live_pid):
 
 
 def test_stale_lock_of_a_dead_pid_on_this_host_is_taken_over(tmp_path):
-    from tri_megatron.training.checkpointing import SaveDirLock
+    from tri_megatron.training.save_lock import SaveDirLock
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -265,7 +265,7 @@ def test_stale_lock_of_a_dead_pid_on_this_host_is_taken_over(tmp_path):
 def test_other_hosts_lock_is_stale_only_without_heartbeat(tmp_path):
     import time
 
-    from tri_megatron.training.checkpointing import SaveDirLock, SaveDirLocked
+    from tri_megatron.training.save_lock import SaveDirLock, SaveDirLocked
 
     path = _write_lock(tmp_path / "save", host="node-elsewhere-17", pid=1)
     with pytest.raises(SaveDirLocked, match="host node-elsewhere-17 pid 1"):
@@ -280,7 +280,7 @@ def test_other_hosts_lock_is_stale_only_without_heartbeat(tmp_path):
 def test_heartbeat_refreshes_the_lock(tmp_path):
     import time
 
-    from tri_megatron.training.checkpointing import SaveDirLock
+    from tri_megatron.training.save_lock import SaveDirLock
 
     lock = SaveDirLock(str(tmp_path / "save"), heartbeat_s=0.05).acquire()
     old = time.time() - 3600
