@@ -19,7 +19,7 @@ RELEASE = tuple(int(p) for p in megatron.core.__version__.split("+")[0].split(".
 
 
 def _seam(name: str) -> str:
-    return (f"megatron-core {megatron.core.__version__}: the seam '{name}' in tri_megatron/mcore_internals.py no "
+    return (f"megatron-core {megatron.core.__version__}: the seam '{name}' in tri_megatron/mcore_internals/ no "
             f"longer matches (verified with {VERIFIED})")
 
 
