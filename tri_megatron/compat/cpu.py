@@ -77,6 +77,7 @@ def activate(virtual_device: bool = False) -> bool:
     """Install the CPU redirections if (and only if) CUDA is unavailable. Returns whether active.
 
     virtual_device: also switch on the virtual accelerator (see ``virtual.py``)."""
+    # One list of redirections installed together (and undone together by tests); kept in one place on purpose.
     global _ACTIVE
     if torch.cuda.is_available():
         return False

@@ -247,6 +247,8 @@ class DataBundle:
 
 def build_data(args, *, dp_rank: int, dp_size: int, train_samples: int, eval_samples: int) -> DataBundle:
     """Builds (or loads from the cache) every index and returns this rank's DataBundle."""
+    # Long because index building runs on rank 0 first (a closure shared with the cache check) and the
+    # bundle needs every piece it computes; the steps themselves live in datasets.py / mixture_index.py.
     from .datasets import EpochChain, NoTokenizer, PrefixData, exhaustive_blend, gpt_config
     from .mixture_index import build_or_load
     from .schedule import static_schedule

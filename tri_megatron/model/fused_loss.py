@@ -25,6 +25,8 @@ class FusedLossGPTModel(GPTModel):
     # overrides megatron-core's private _postprocess: the seam 'GPTModel._postprocess' in mcore_internals
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos,
                      rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None, **kwargs):
+        # Long because it mirrors megatron-core's _postprocess step by step (MTP block, label rolling, loss
+        # scaling) with the fused loss in place of its output layer + CE; splitting it would hide that mapping.
         # megatron-core adds keyword arguments to _postprocess between releases (0.19: padding_mask,
         # output_processor...): the ones we do not use pass through untouched (see mcore_internals).
         if labels is None or kwargs.get("inference_context") is not None or not self.post_process \

@@ -293,6 +293,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, heads: _Heads, weight: torch.Tensor, *hiddens: torch.Tensor):
+        # One pass over vocabulary chunks computing loss and both gradients (the three-GEMM schedule); kept
+        # in one function because the chunk loop shares its accumulators and TP statistics across steps.
         ctx.set_materialize_grads(False)  # a head whose loss is unused sends None
         vocab, h = weight.shape
         vocab_start = heads.rank * vocab

@@ -223,6 +223,8 @@ def _gather_time(nbytes: float, n: int, bw: float, lat: float) -> float:
 def iteration_time(arch: ModelArch, seq_length: int, layout: Layout, global_batch: int, gpu: GPUSpec,
                    a: Assumptions = Assumptions()) -> dict:
     """Projected time of one iteration and its parts (seconds), with per-rank detail."""
+    # Long because it is the whole analytic time model in one readable sequence (compute, TP/CP/PP
+    # communication, bubble, DP gradient sync, optimizer): each term is a line or two.
     m = global_batch // (layout.mbs * layout.dp)
     p, v, tp, cp = layout.pp, layout.vpp, layout.tp, layout.cp
     peak = gpu.peak_tflops * 1e12 * a.compute_efficiency

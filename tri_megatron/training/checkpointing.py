@@ -341,6 +341,8 @@ def _find_checkpoint(root: str) -> Optional[str]:
 
 
 def load_checkpoint(root: str, model: list, optimizer, scheduler, parallel, rt=None, options=None) -> tuple:
+    # Long because the load is one ordered protocol (find an intact checkpoint, build the sharded request,
+    # load, optimizer switch, schedule, RNG) whose steps depend on what earlier ones found.
     """Load the newest intact checkpoint under root into model/optimizer/scheduler.
 
     Returns (iteration, consumed_samples). ``options`` (the run's CheckpointConfig) may ask, as Megatron,

@@ -28,6 +28,7 @@ class TriConfig(PretrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(
+        # Long only because a transformers config lists every field with its default in its signature.
         self,
         vocab_size=1024,
         hidden_size=128,
