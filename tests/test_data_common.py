@@ -30,6 +30,16 @@ def load_script(relpath: str):
     return mod
 
 
+def small_tokenizer(base) -> str:
+    """A 600-token tokenizer trained on a 20-document sample corpus (en, ko, code) under ``base``; its path."""
+    corpus, tok = str(base / "corpus"), str(base / "tok")
+    load_script("examples/make_sample_corpus.py").main(["--output", corpus, "--docs-per-domain", "20"])
+    assert load_script("tools/train_tokenizer.py").main(
+        ["--input", *[os.path.join(corpus, f"{d}.jsonl") for d in ("en", "ko", "code")], "--vocab-size", "600",
+         "--output", tok]) == 0
+    return tok
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from launcher import ROOT, TINY, run  # noqa: E402
-from test_data_common import load_script  # noqa: E402
+from test_data_common import load_script, small_tokenizer  # noqa: E402
 
 TOOL = os.path.join(ROOT, "tools", "generate.py")
 PROMPT = "The student reads"
@@ -29,11 +29,7 @@ NEW = 16
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("generate")
-    corpus, tok = str(base / "corpus"), str(base / "tok")
-    load_script("examples/make_sample_corpus.py").main(["--output", corpus, "--docs-per-domain", "20"])
-    assert load_script("tools/train_tokenizer.py").main(
-        ["--input", *[os.path.join(corpus, f"{d}.jsonl") for d in ("en", "ko", "code")], "--vocab-size", "600",
-         "--output", tok]) == 0
+    tok = small_tokenizer(base)
     save = str(base / "ckpt")
     run(4, TINY + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--tokenizer", tok,
                    "--lr", "2e-2", "--train-iters", "2", "--save", save, "--save-interval", "2"])

@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from launcher import TINY, train  # noqa: E402
-from test_data_common import load_script  # noqa: E402
+from test_data_common import small_tokenizer  # noqa: E402
 
 TOL = 1e-4
 WARMUP = ["--lr-warmup-iters", "10", "--lr-decay-iters", "20", "--mtp-num-layers", "1"]
@@ -31,11 +31,7 @@ WARMUP = ["--lr-warmup-iters", "10", "--lr-decay-iters", "20", "--mtp-num-layers
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("serving")
-    corpus, tok = str(base / "corpus"), str(base / "tok")
-    load_script("examples/make_sample_corpus.py").main(["--output", corpus, "--docs-per-domain", "20"])
-    assert load_script("tools/train_tokenizer.py").main(
-        ["--input", *[os.path.join(corpus, f"{d}.jsonl") for d in ("en", "ko", "code")], "--vocab-size", "600",
-         "--output", tok]) == 0
+    tok = small_tokenizer(base)
     save = str(base / "ckpt")
     records = train(1, TINY + WARMUP + ["--tokenizer", tok, "--train-iters", "3", "--save", save, "--save-interval",
                                         "2"], str(base / "log.jsonl"))
