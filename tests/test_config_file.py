@@ -60,7 +60,7 @@ def test_missing_file():
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "examples", "configs", "*.yaml"))))
 def test_example_configs_resolve(path, tmp_path):
-    from tri_megatron.model.specs import transformer_engine_available
+    from tri_megatron.runtime import transformer_engine_available
 
     name = os.path.basename(path)[:-len(".yaml")]
     world = 2 if name == "tri-tiny" else 512  # the layouts are sized for 64 nodes x 8 GPUs

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from launcher import TINY, run
-from tri_megatron.presets import PRESETS
+from tri_megatron.config.presets import PRESETS
 
 SEQ = 64
 # Weights per domain (unit: samples): 0.9/0.1 at 0, 0.5/0.5 from 16 samples on (global batch 8).

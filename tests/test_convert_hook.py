@@ -9,7 +9,8 @@ import time
 import pytest
 
 from launcher import TINY, run
-from tri_megatron.convert.export_hook import ExportConfig, make_on_save
+from tri_megatron.config.export import ExportConfig
+from tri_megatron.convert.export_hook import make_on_save
 
 
 def _run_config(export_hf_interval=2, export_hf_dir=None, save=None, save_interval=2, tokenizer=None):

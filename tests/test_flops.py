@@ -5,7 +5,7 @@ import pytest
 
 from tri_megatron.config.arch import ModelArch
 from tri_megatron.perf import devices, flops
-from tri_megatron.presets import PRESETS
+from tri_megatron.config.presets import PRESETS
 
 S = 8  # the small configs' sequence length
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tri_megatron.presets import PRESETS
+from tri_megatron.config.presets import PRESETS
 from tri_megatron.model.query_scaling import QueryScaling
 from tri_megatron.ops import apply_rope_and_query_scale
 

@@ -153,7 +153,7 @@ def _without(words: list, flags: tuple) -> list:
                                                 ("tri-70b.sbatch", 250, {"GLOBAL_BATCH_SIZE": "1000"})])
 def test_sbatch_scripts_launch_valid_layouts(script, nodes, extra):
     from tri_megatron.config import load_run_config
-    from tri_megatron.model.specs import transformer_engine_available
+    from tri_megatron.runtime import transformer_engine_available
 
     words = _dry_run(script, nodes, **extra)
     assert words[:2] == ["srun", f"--ntasks={8 * nodes}"]

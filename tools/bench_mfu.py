@@ -287,7 +287,7 @@ def _cpu_name() -> str:
 def machine_info(world: int) -> dict:
     import megatron.core
 
-    from tri_megatron.model.specs import transformer_engine_available
+    from tri_megatron.runtime import transformer_engine_available
 
     cuda = torch.cuda.is_available()
     return {
@@ -492,7 +492,7 @@ def _calibration(cfg, res, hw_flops_per_gpu_iter, step, breakdown, source="run")
 
 # --------------------------------------------------------------------------------- proxy mode --
 def run_proxy(args) -> dict:
-    from tri_megatron.model.specs import use_transformer_engine
+    from tri_megatron.runtime import use_transformer_engine
     from tri_megatron.perf import layout_model
     from tri_megatron.perf.proxy import ProxyRunner, make_spec, proxy_config, shard_flops_per_token
     from tri_megatron.training.distributed import destroy_distributed, init_distributed, launch_env

@@ -37,7 +37,7 @@ if ROOT not in sys.path:
 from tri_megatron.perf import layout_model  # noqa: E402
 from tri_megatron.perf.devices import GPU_SPECS  # noqa: E402
 from tri_megatron.perf.flops import model_flops_per_token  # noqa: E402
-from tri_megatron.presets import PRESETS, get_preset  # noqa: E402
+from tri_megatron.config.presets import PRESETS, get_preset  # noqa: E402
 
 TRI_TEAM_REFERENCE = {
     "mfu": 0.43, "hfu": 0.47, "gpus": 512, "gpu": "H100",

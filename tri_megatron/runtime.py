@@ -18,11 +18,14 @@ used, and what a checkpoint records about the RNG states it holds.
   process group exists, that all ranks decided the same; otherwise all exit with the disagreement.
 * ``current()``: the active runtime (in-process tools that never called ``activate``: derived once from
   what is set up).
+* ``transformer_engine_available()`` / ``use_transformer_engine(impl)``: whether this machine has a usable
+  Transformer Engine, and ``--transformer-impl`` resolved against it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Callable, Optional
 
@@ -203,3 +206,22 @@ def agree(store, rt: Runtime, rank: int, world_size: int, timeout_s: float = 600
     verdict = s.get("verdict").decode()
     if verdict != "ok":
         raise DeviceError(verdict)
+
+
+@functools.lru_cache(maxsize=1)
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _te  # noqa: F401
+    except Exception:  # ImportError, or a TE build that does not match torch
+        return False
+    return True
+
+
+def use_transformer_engine(impl: str) -> bool:
+    """Resolve --transformer-impl (auto, transformer_engine, local)."""
+    if impl == "local":
+        return False
+    if impl == "transformer_engine":
+        return True
+    return transformer_engine_available()

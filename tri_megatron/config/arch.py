@@ -1,7 +1,7 @@
 """The Tri architecture as one frozen, typed record, with every quantity derived from it.
 
 ``ModelArch`` is the only description of a model's shape in the project: presets are ``ModelArch``
-values (``tri_megatron.presets``), ``--model`` plus architecture flags resolve to one, checkpoints store
+values (``tri_megatron.config.presets``), ``--model`` plus architecture flags resolve to one, checkpoints store
 ``arch.meta()`` in tri_meta.json and conversion reads it back with ``ModelArch.from_meta``. What is
 derived from the architecture is a method here, computed once: the padded vocabulary, the exact
 parameter count, the architecture part of megatron-core's ``TransformerConfig``, the checkpoint

@@ -9,7 +9,7 @@ from typing import Optional
 
 from tri_megatron.config.arch import ModelArch
 from tri_megatron.config.errors import ArgumentError
-from tri_megatron.presets import PRESETS, get_preset
+from tri_megatron.config.presets import PRESETS, get_preset
 
 # flag dest -> ModelArch field, for flags that are architecture fields under another name
 _RENAMED = {"max_position_embeddings": "context_length"}

@@ -28,7 +28,7 @@ from tri_megatron.config import model as model_flags
 from tri_megatron.config.optim import OptimConfig
 from tri_megatron.config.parallel import ParallelConfig
 from tri_megatron.config.training import TrainingConfig
-from tri_megatron.convert.export_hook import ExportConfig
+from tri_megatron.config.export import ExportConfig
 from tri_megatron.data.config import DataConfig
 
 

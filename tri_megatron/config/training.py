@@ -120,9 +120,9 @@ class TrainingConfig:
             raise ArgumentError(
                 f"--seq-length {self.seq_length} exceeds the {arch.name} context of {arch.context_length}; "
                 f"pass --max-position-embeddings {self.seq_length} to extend it deliberately")
-        from tri_megatron.model.specs import transformer_engine_available, use_transformer_engine
+        from tri_megatron import runtime  # what this machine has (the dry run stands in for the GPU nodes)
 
-        if parallel.sequence_parallel and not use_transformer_engine(self.transformer_impl):
+        if parallel.sequence_parallel and not runtime.use_transformer_engine(self.transformer_impl):
             raise ArgumentError(
                 "--sequence-parallel needs Transformer Engine's norms (megatron-core's torch norm refuses it); "
                 "install transformer-engine[pytorch] or drop --sequence-parallel")
@@ -138,12 +138,12 @@ class TrainingConfig:
         if self.recompute_method and self.recompute_granularity != "full":
             raise ArgumentError("--recompute-method applies to --recompute-granularity full; add it or drop the method")
         if self.fp8_format:
-            if not transformer_engine_available():
+            if not runtime.transformer_engine_available():
                 raise ArgumentError(
                     f"--fp8-format {self.fp8_format} needs Transformer Engine, which is not importable here; "
                     f"install transformer-engine[pytorch] or drop --fp8-format")
             if self.transformer_impl == "local":
                 raise ArgumentError("--fp8-format needs --transformer-impl transformer_engine (or auto)")
-        if self.transformer_impl == "transformer_engine" and not transformer_engine_available():
+        if self.transformer_impl == "transformer_engine" and not runtime.transformer_engine_available():
             raise ArgumentError("--transformer-impl transformer_engine: Transformer Engine is not importable; "
                                 "use auto or local")

@@ -22,7 +22,7 @@ def run_config_for(m: dict, tp: int = 1, pp: int = 1, vpp=None, bf16: bool = Fal
     from tri_megatron.config.parallel import ParallelConfig
     from tri_megatron.config.run import RunConfig, validate
     from tri_megatron.config.training import TrainingConfig
-    from tri_megatron.convert.export_hook import ExportConfig
+    from tri_megatron.config.export import ExportConfig
     from tri_megatron.data.config import DataConfig
 
     arch = ModelArch.from_meta(m)

@@ -58,14 +58,14 @@ def dry_run_parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def _transformer_engine_on_target():
     """Validation as on the GPU nodes, which have Transformer Engine (this host may not)."""
-    from tri_megatron.model import specs
+    from tri_megatron import runtime
 
-    orig = specs.transformer_engine_available
-    specs.transformer_engine_available = lambda: True
+    orig = runtime.transformer_engine_available
+    runtime.transformer_engine_available = lambda: True
     try:
         yield
     finally:
-        specs.transformer_engine_available = orig
+        runtime.transformer_engine_available = orig
 
 
 def validate(argv: list, world: int):

@@ -7,8 +7,6 @@ unfused one. Either way the core attention applies the Tri query scaling when it
 
 from __future__ import annotations
 
-import functools
-
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -17,25 +15,6 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 
 from tri_megatron.mcore_internals import set_attention_modules
 from tri_megatron.model.attention import SDPACoreAttention, TriSelfAttention, te_core_attention_with_query_scaling
-
-
-@functools.lru_cache(maxsize=1)
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-        from megatron.core.extensions import transformer_engine as _te  # noqa: F401
-    except Exception:  # ImportError, or a TE build that does not match torch
-        return False
-    return True
-
-
-def use_transformer_engine(impl: str) -> bool:
-    """Resolve --transformer-impl (auto, transformer_engine, local)."""
-    if impl == "local":
-        return False
-    if impl == "transformer_engine":
-        return True
-    return transformer_engine_available()
 
 
 def tri_layer_spec(config, use_te: bool):

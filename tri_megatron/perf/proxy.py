@@ -181,7 +181,7 @@ class ProxyRunner:
 
         from tri_megatron.model.builder import build_gpt_model
         from tri_megatron.model.config import transformer_config
-        from tri_megatron.model.specs import use_transformer_engine
+        from tri_megatron.runtime import use_transformer_engine
         from tri_megatron.training.mock_data import micro_batch
         from tri_megatron.training.optimizer import build_optimizer, wrap_ddp
 

@@ -23,7 +23,7 @@ from tri_megatron.mcore_internals import clear_mtp_tracker, take_mtp_losses
 from tri_megatron import runtime, test_hooks
 from tri_megatron.model.builder import build_model_chunks
 from tri_megatron.model.config import transformer_config
-from tri_megatron.model.specs import use_transformer_engine
+from tri_megatron.runtime import use_transformer_engine
 from tri_megatron.training import checkpointing, fault
 from tri_megatron.training.console import memory_stats
 from tri_megatron.perf.devices import detect_peak_tflops

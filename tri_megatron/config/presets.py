@@ -2,7 +2,7 @@
 
 Each preset is a ``ModelArch`` (tri_megatron.config.arch) plus where its numbers come from and the
 parameter count its authors state. ``--model NAME`` starts from ``PRESETS[NAME].arch``;
-``python -m tri_megatron.presets`` prints each preset's parameter count.
+``python -m tri_megatron.config.presets`` prints each preset's parameter count.
 """
 
 from __future__ import annotations
