@@ -27,7 +27,7 @@ def test_bench_kernels_runs_on_cpu(tmp_path):
         assert r["vocab_local"] == 124416 // 8 // 64 and r["mtp_depth"] == 1
         assert r["fused_backward"] == "stored"  # the sum objective is the upstream the op expects
         for key in ("gemms_ms", "unfused_ms", "torch_ms", "fused_ms", "unfused_peak_mib", "torch_peak_mib", "fused_peak_mib",
-                    "mem_ratio", "time_ratio", "time_ratio_vs_torch", "mem_ratio_vs_torch"):
+                    "mem_ratio", "time_ratio", "time_ratio_vs_torch", "mem_ratio_vs_torch", "floor_ratio"):
             assert r[key] > 0, key
         # three fp32-softmax computations of the same gradients (bf16 inputs): they agree to bf16
         for key in ("grad_rel_err_fused_vs_torch", "grad_rel_err_fused_vs_unfused", "grad_rel_err_unfused_vs_torch"):

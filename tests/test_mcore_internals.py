@@ -271,15 +271,17 @@ class _AccumulateIntoMainGrad(torch.autograd.Function):
     """y = x @ w.T whose weight gradient goes into w.main_grad, as tri_megatron's fused loss does."""
 
     @staticmethod
-    def forward(ctx, x, w):
+    def forward(ctx, x, w, alias):
         ctx.save_for_backward(x, w)
+        ctx.alias = alias
         return x @ w.t()
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         mcore_internals.main_grad(w).add_((g.t() @ x).float())
-        return g @ w, mcore_internals.wgrad_placeholder(w)
+        storage = mcore_internals.main_grad(w) if ctx.alias else None  # the placeholder in main_grad's memory
+        return g @ w, mcore_internals.wgrad_placeholder(w, storage), None
 
 
 def test_ddp_main_grad_contract(megatron_single_process):
@@ -289,9 +291,10 @@ def test_ddp_main_grad_contract(megatron_single_process):
     module = torch.nn.Module()
     module.w = torch.nn.Parameter(torch.randn(3, 4))  # accumulates into main_grad itself
     module.v = torch.nn.Parameter(torch.randn(3, 4))  # plain .grad, added by DDP's hook
+    module.u = torch.nn.Parameter(torch.randn(3, 4))  # like w, its placeholder a view of its main_grad
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module)
-    w, v = module.w, module.v
-    for p in (w, v):
+    w, v, u = module.w, module.v, module.u
+    for p in (w, v, u):
         assert mcore_internals.in_ddp_grad_buffer(p), _seam("DDP sets param.main_grad and grad_added_to_main_grad")
         assert p.grad_added_to_main_grad is False, _seam("DDP starts with grad_added_to_main_grad = False")
         g = mcore_internals.main_grad(p)
@@ -301,23 +304,28 @@ def test_ddp_main_grad_contract(megatron_single_process):
     x = torch.randn(5, 4)
     ref_w = torch.randn(5, 3)
     for _ in range(2):  # two micro-batches accumulate
-        (_AccumulateIntoMainGrad.apply(x, w) * ref_w).sum().backward()
+        (_AccumulateIntoMainGrad.apply(x, w, False) * ref_w).sum().backward()
         (x @ v.t() * ref_w).sum().backward()
+        (_AccumulateIntoMainGrad.apply(x, u, True) * ref_w).sum().backward()
     want = 2 * (ref_w.t() @ x)
     torch.testing.assert_close(w.main_grad, want, msg=_seam("DDP's hook skips a grad already in main_grad"))
     torch.testing.assert_close(v.main_grad, want, msg=_seam("DDP's hook adds .grad into main_grad"))
-    assert w.grad is None and v.grad is None, _seam("DDP's hook clears .grad")
+    torch.testing.assert_close(u.main_grad, want, msg=_seam("DDP's hook neither reads nor writes a skipped grad"))
+    assert w.grad is None and v.grad is None and u.grad is None, _seam("DDP's hook clears .grad")
 
     ddp.zero_grad_buffer()
     assert w.grad_added_to_main_grad is False, _seam("zero_grad_buffer resets grad_added_to_main_grad")
     assert not w.main_grad.any(), _seam("zero_grad_buffer zeroes main_grad")
 
     w.zero_out_wgrad = True  # megatron asks for zeros instead of an uninitialised placeholder
+    w.main_grad.fill_(1.0)
     try:
         placeholder = mcore_internals.wgrad_placeholder(w)
+        aliased = mcore_internals.wgrad_placeholder(w, storage=w.main_grad)  # zeros never made in main_grad
     finally:
         del w.zero_out_wgrad
     assert placeholder.shape == w.shape and not placeholder.any() and w.grad_added_to_main_grad is True
+    assert not aliased.any() and bool((w.main_grad == 1).all())
 
 
 # ===================================================================== DistributedOptimizer state loading

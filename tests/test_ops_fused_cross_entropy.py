@@ -6,10 +6,11 @@ TP=1 on bf16 logits, ``gradcheck`` of the hand-written backward, and a real TP=2
 losses and (all-reduced / gathered) gradients must equal the single-process full-vocab computation.
 Kernel tests (kernel vs reference) run on a GPU -- skipped only when no CUDA device is present --
 and on the CPU emulator of the same kernel source (tests/kernel_emulator.py), at smaller sizes.
-Gradients are computed in the op's forward: tests check both backward paths (megatron's upstream with
-a loss scale != 1: rescaled; any other upstream: weight gradient recomputed), the GEMM count per
-chunk, no gradient work without grad mode, accumulation over micro-batches into main_grad, and
-activation recompute applying the gradients once.
+Gradients are computed in the op's forward: tests check every backward path (megatron's upstream with
+a loss scale != 1: rescaled; any other upstream: weight gradient recomputed; into main_grad: added in
+the forward with the factor last seen, corrected in backward when it differs), the GEMM count per
+chunk, no gradient work without grad mode, accumulation over micro-batches into main_grad with a
+changing factor, a second backward, and activation recompute applying the gradients once.
 """
 
 import os
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tri_megatron.local_dist import free_port
+from tri_megatron.ops import ce_chunks
 from tri_megatron.ops import fused_cross_entropy as fce
 from tri_megatron.ops.fused_cross_entropy import (
     fused_linear_cross_entropy,
@@ -157,7 +159,7 @@ class _GemmCounter:
 
     def __init__(self, monkeypatch):
         self.mm, self.acc = [], 0
-        real_mm, real_acc = torch.mm, fce._accumulate_mm
+        real_mm, real_acc = torch.mm, ce_chunks.accumulate_mm
 
         def mm(a, b, *args, **kwargs):
             out = real_mm(a, b, *args, **kwargs)
@@ -169,7 +171,7 @@ class _GemmCounter:
             return real_acc(*args)
 
         monkeypatch.setattr(fce.torch, "mm", mm)
-        monkeypatch.setattr(fce, "_accumulate_mm", acc)
+        monkeypatch.setattr(ce_chunks, "accumulate_mm", acc)
 
     def take(self):
         out = (list(self.mm), self.acc)
@@ -194,7 +196,7 @@ def test_three_gemms_per_chunk_in_forward_none_in_backward(monkeypatch):
     assert all(shape in ((3, 9), (1, 9), (3, 5), (1, 5), (9, 5)) for shape in mms)
     sum((l * u).sum() for l, u in zip(losses, upstream)).backward()
     assert count.take() == ([], 0)
-    assert fce.default_chunk_size(124416, torch.bfloat16, 8192) == fce.TILE_BYTES // (124416 * 2)
+    assert fce.default_chunk_size(124416, torch.bfloat16, 8192) == ce_chunks.TILE_BYTES // (124416 * 2)
     assert fce.default_chunk_size(124416, torch.bfloat16, 8192, grads=True) == 2048  # GPU
     assert fce.default_chunk_size(124416, torch.bfloat16, 8192, grads=True, device="cpu") == 269
     assert fce.default_chunk_size(15552, torch.bfloat16, 100) == 100
@@ -248,32 +250,66 @@ def test_low_precision_close_to_float64(dtype, into_main_grad):
 
 @pytest.mark.parametrize("with_flag", [False, True])
 def test_accumulate_into_main_grad_like_megatron(with_flag):
-    """Gradient accumulation over 4 micro-batches into main_grad with a loss scale != 1: each adds
-    exactly c * its gradient, in the backward."""
+    """Gradient accumulation over 5 micro-batches into main_grad with a loss scale != 1 that changes once
+    (as with a batch-size rampup): the weight gradient goes into main_grad in the forward with the factor
+    last seen, nothing weight-sized is held for the backward, and the backward corrects main_grad when
+    the factor differs. After every micro-batch main_grad is exactly the sum of c * its gradients."""
     w = _problem(heads=2, seed=4)[1].requires_grad_()
     w.main_grad = torch.full_like(w, 0.5)
     if with_flag:
         w.grad_added_to_main_grad = False
     ref_w = w.detach().clone().requires_grad_()
-    for mb in range(4):
+    paths = []
+    for mb, c in enumerate([512.0 / 4] * 3 + [512.0 / 8] * 2):
         xs, _, labels, masks = _problem(heads=2, seed=10 + mb)
         xs = [x.requires_grad_() for x in xs]
-        upstream, weights = _megatron_upstream(masks, [1.0, 0.3], c=512.0 / 4)
+        upstream, weights = _megatron_upstream(masks, [1.0, 0.3], c=c)
+        before = w.main_grad.clone()
+        counts = dict(fce.backward_path_counts)
         losses = fused_mtp_cross_entropy(xs, w, labels, loss_masks=masks, chunk_size=4, scales=[1.0, 0.3],
                                          upstream_weights=weights, accumulate_into_main_grad=True)
-        before = w.main_grad.clone()
-        torch.testing.assert_close(w.main_grad, before)  # nothing applied in the forward
+        assert not torch.equal(w.main_grad, before)  # added in the forward
+        assert losses[0].grad_fn.grad_w is None  # no weight gradient held for the backward
         sum((l * u).sum() for l, u in zip(losses, upstream)).backward()
         sum((l * u).sum() for l, u in zip(_naive(xs, ref_w, labels, masks, [1.0, 0.3]), upstream)).backward()
+        paths.append(next(k for k in counts if fce.backward_path_counts[k] > counts[k]))
+        torch.testing.assert_close(w.main_grad, 0.5 + ref_w.grad, rtol=1e-12, atol=1e-12)
         if with_flag:
             assert w.grad_added_to_main_grad is True and w.grad is not None  # megatron's dummy grad
+            assert w.grad.shape == w.shape and w.grad.dtype == w.dtype
             w.grad, w.grad_added_to_main_grad = None, False
         else:
             assert w.grad is None
-    torch.testing.assert_close(w.main_grad, 0.5 + ref_w.grad, rtol=1e-12, atol=1e-12)
+    # the first guess (1) and the changed factor are corrected; the learned factor needs nothing more
+    assert paths == ["corrected", "stored", "stored", "corrected", "stored"]
     with pytest.raises(ValueError):
         fused_linear_cross_entropy(xs[0], torch.zeros(3, 6, dtype=torch.float64), labels[0] % 3,
                                    accumulate_into_main_grad=True)
+
+
+def test_into_main_grad_any_upstream_and_retain_graph():
+    """Into main_grad, an upstream not of megatron's form (one head unused, random per-token weights) is
+    still exact (main_grad corrected by the difference), and a second backward through the same graph
+    adds the gradient a second time."""
+    xs, w, labels, masks = _problem(heads=2, seed=21)
+    w.requires_grad_()
+    w.main_grad = torch.zeros_like(w)
+    xs = [x.requires_grad_() for x in xs]
+    g = torch.Generator().manual_seed(3)
+    u0 = torch.rand(masks[0].shape, generator=g, dtype=masks[0].dtype)
+    l0, _ = fused_mtp_cross_entropy(xs, w, labels, loss_masks=masks, accumulate_into_main_grad=True, chunk_size=3)
+    (l0 * u0).sum().backward(retain_graph=True)
+    ref_w = w.detach().clone().requires_grad_()
+    ref_x = xs[0].detach().clone().requires_grad_()
+    ref = _naive([ref_x], ref_w, labels[:1], masks[:1], [1.0])[0]
+    (ref * u0).sum().backward()
+    torch.testing.assert_close(w.main_grad, ref_w.grad, rtol=1e-12, atol=1e-12)
+    gx = xs[0].grad.clone()
+    torch.testing.assert_close(gx, ref_x.grad, rtol=1e-12, atol=1e-12)
+    (l0 * u0).sum().backward()  # second backward: recomputed, added again
+    torch.testing.assert_close(w.main_grad, 2 * ref_w.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xs[0].grad, 2 * gx, rtol=1e-12, atol=1e-12)
+    assert xs[1].grad is None or not xs[1].grad.any()
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
@@ -336,19 +372,21 @@ def _tp_worker(rank, world, port, chunk, upstream_kind):
             upstream, weights = _megatron_upstream(masks, scales, c=64.0)
         else:
             upstream, weights = [m * (1 + torch.arange(m.numel(), dtype=m.dtype).view_as(m)) for m in masks], None
-        before = dict(fce.backward_path_counts)
-        ours = fused_mtp_cross_entropy(xs_local, w_shard, labels, loss_masks=masks, tp_group=group,
-                                       chunk_size=chunk, z_loss_weight=z, scales=scales, upstream_weights=weights,
-                                       accumulate_into_main_grad=True)
         xs_ref = [x.clone().requires_grad_() for x in xs]
         w_ref = w.clone().requires_grad_()
-        naive = _naive(xs_ref, w_ref, labels, masks, scales, z)
-        for a, b in zip(ours, naive):
-            torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
-        sum((a * u).sum() for a, u in zip(ours, upstream)).backward()
-        sum((b * u).sum() for b, u in zip(naive, upstream)).backward()
-        path = "stored" if upstream_kind == "megatron" else "recomputed"
-        assert fce.backward_path_counts[path] == before[path] + 1
+        paths = []
+        for _ in range(2):  # two micro-batches into main_grad: the factor is learned from the first
+            before = dict(fce.backward_path_counts)
+            ours = fused_mtp_cross_entropy(xs_local, w_shard, labels, loss_masks=masks, tp_group=group,
+                                           chunk_size=chunk, z_loss_weight=z, scales=scales,
+                                           upstream_weights=weights, accumulate_into_main_grad=True)
+            naive = _naive(xs_ref, w_ref, labels, masks, scales, z)
+            for a, b in zip(ours, naive):
+                torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+            sum((a * u).sum() for a, u in zip(ours, upstream)).backward()
+            sum((b * u).sum() for b, u in zip(naive, upstream)).backward()
+            paths.append(next(k for k in before if fce.backward_path_counts[k] > before[k]))
+        assert paths == (["corrected", "stored"] if upstream_kind == "megatron" else ["corrected"] * 2)
         # weight: each rank holds its shard's exact gradient (the softmax normaliser is the global one)
         torch.testing.assert_close(w_shard.main_grad, w_ref.grad[rank * vl:(rank + 1) * vl], rtol=1e-11,
                                    atol=1e-12)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from kernel_emulator import EmulatedKernels
+from tri_megatron.ops import ce_chunks
 from tri_megatron.ops import fused_cross_entropy as fce
 from tri_megatron.ops import rope_ssmax as rs
 
@@ -214,8 +215,8 @@ def test_cross_entropy_dispatch_matches_reference(fake, monkeypatch, dtype, tile
     softmax - onehot, two GEMMs per chunk), rescaled in backward for megatron's upstream; recomputed
     (the same kernels again) for an arbitrary one."""
     if tile_bytes:
-        monkeypatch.setattr(fce, "TILE_BYTES", tile_bytes)
-        monkeypatch.setattr(fce, "_MIN_GRAD_CHUNK_ROWS", 1)
+        monkeypatch.setattr(ce_chunks, "TILE_BYTES", tile_bytes)
+        monkeypatch.setattr(ce_chunks, "MIN_GRAD_CHUNK_ROWS", 1)
     g = torch.Generator().manual_seed(2)
     S, B, H, V = 10, 2, 16, 37
     xs = [torch.randn(S, B, H, generator=g).to(dtype) for _ in range(3)]

@@ -79,11 +79,15 @@ def in_ddp_grad_buffer(param: torch.Tensor) -> bool:
 def wgrad_placeholder(weight: torch.Tensor, storage: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """After the weight gradient was added into ``weight.main_grad``: what megatron's linear layers
     return as the weight's grad -- a weight-shaped tensor DDP's hook skips (``grad_added_to_main_grad`` set
-    here), zeros when megatron set ``zero_out_wgrad`` (the hook adds those). Made in ``storage`` (a spent
-    buffer of at least as many bytes) when given. None when ``weight`` is not in a DDP buffer."""
+    here), zeros when megatron set ``zero_out_wgrad`` (the hook adds those). Made in ``storage`` when given:
+    a spent buffer of at least as many bytes, or ``weight.main_grad`` itself (the hook neither reads nor
+    writes a placeholder it skips, so it costs no memory; never when zeros are wanted). None when
+    ``weight`` is not in a DDP buffer."""
     if not hasattr(weight, "grad_added_to_main_grad"):
         return None
     zero = getattr(weight, "zero_out_wgrad", False)
+    if zero and storage is not None and storage is main_grad(weight):
+        storage = None
     if storage is not None and storage.is_contiguous() and \
             storage.numel() * storage.element_size() >= weight.numel() * weight.element_size():
         flat = storage.view(-1).view(torch.uint8)[: weight.numel() * weight.element_size()]

@@ -1,5 +1,6 @@
 """Fused output-layer + softmax cross-entropy for the main head and the D MTP heads, with the loss
-gradients computed inside the forward pass (three GEMMs per token chunk, no logits recompute).
+gradients computed inside the forward pass (three GEMMs per token chunk, no logits recompute; under
+megatron DDP the weight gradient goes into ``main_grad`` during the forward).
 
 API::
 
@@ -37,34 +38,42 @@ token rows of one head, against the whole vocab shard,
 3. the tile is overwritten in place by ``(softmax * (1 + 2 z lse) - onehot) * q`` (CUDA kernel), with
    ``q = scale * loss_mask`` on valid tokens and 0 elsewhere;
 4. GEMM 2: ``grad_x_c = tile @ W`` (stored, the size of the hidden states);
-   GEMM 3: ``G += tile^T @ x_c`` (one ``[V/tp, h]`` accumulator, fp32 for bf16 / fp16 weights).
+   GEMM 3: ``G += tile^T @ x_c`` (into ``main_grad`` under megatron DDP, else one ``[V/tp, h]``
+   accumulator, fp32 for bf16 / fp16 weights).
 
-The backward does no GEMM on the fast path. The gradients stored are for an upstream gradient of
+The backward does no GEMM on the fast path. The gradients are computed for an upstream gradient of
 ``upstream_weights[k] * loss_mask_k[t]`` on head k's per-token loss; megatron's schedule passes
-``c * that`` with one unknown scalar c (loss scale / micro-batches, the MTP scale set by
+``c * that`` with one scalar c (loss scale / micro-batches, the MTP scale set by
 ``MTPLossAutoScaler``): the caller says the per-head ratios, ``c`` arrives with the gradient. The
 backward
 
 * scales every stored hidden-gradient row by the upstream it received for that token (exact for any
   per-token upstream);
 * finds c (least squares over the valid tokens of all heads) and checks that every valid token's
-  upstream is ``c * upstream_weights[k] * loss_mask_k[t]`` to within 8 ulp of its dtype (one
-  host sync); then the weight gradient is ``c * G``, added into ``weight.main_grad`` (megatron DDP /
-  gradient-accumulation fusion) or returned. Only in backward: a forward that runs twice (activation
-  recompute) stores the gradients twice but applies them once.
-* Otherwise (an upstream not of that form, e.g. ``gradcheck``'s random vectors, or one head's loss
-  unused) the weight gradient is recomputed exactly from the saved inputs (logits GEMM + weight-grad
-  GEMM per chunk); ``backward_path_counts`` counts both outcomes.
+  upstream is ``c * upstream_weights[k] * loss_mask_k[t]`` to within 8 ulp of its dtype (one host
+  sync);
+* weight gradient, **into megatron DDP's ``main_grad``** (``accumulate_into_main_grad``): GEMM 3 already
+  added ``c' * G`` into ``main_grad`` in the forward, with ``c'`` the factor this weight's last backward
+  found (1 before the first), so nothing weight-sized is held from forward to backward. If the real
+  upstream differs (the first micro-batch of a run, a rampup changing the micro-batch count, or any
+  upstream not of the form above) the backward adds the difference exactly, recomputing the weight
+  gradient for ``upstream - c' * expected`` (logits GEMM + weight-grad GEMM per chunk: "corrected").
+  A forward run inside a backward pass (an activation recompute: reentrant ones are backwarded once,
+  non-reentrant ones never) holds ``G`` instead, so recompute never adds a gradient twice.
+* weight gradient **returned** (no ``main_grad``): ``G``, accumulated in the forward, is held and
+  multiplied by c; if the upstream is not of the form above (``gradcheck``'s random vectors, one head's
+  loss unused) it is recomputed exactly from the saved inputs. ``backward_path_counts`` counts the
+  outcomes.
 
 Without grad mode (evaluation, ``forward_only``) only GEMM 1 and the statistics run: no gradient is
-computed or stored. Extra memory held from forward to backward: the weight gradient ``G``
-(``V/tp x h``: fp32 for 16-bit weights when accumulating into an fp32 ``main_grad``, else the weight's
-dtype) and one hidden-gradient tensor per head (the size of that head's hidden states, which become
-the returned hidden gradients). Under megatron DDP the spent ``G`` buffer becomes the weight-shaped
-dummy gradient megatron's contract makes the op return, so G costs nothing beyond that dummy. The op
-also saves ``hidden`` and ``weight``, as megatron's output layer does. During the forward it also
-holds one logits tile (``TILE_BYTES``, at least 2,048 rows on a GPU) and, for 16-bit weights, an fp32
-G accumulator.
+computed or stored. Extra memory held from forward to backward: one hidden-gradient tensor per head
+(the size of that head's hidden states, which become the returned hidden gradients) and, only when the
+weight gradient is returned rather than put in ``main_grad``, ``G`` (``V/tp x h``, the weight's dtype).
+Under megatron DDP the weight-shaped placeholder gradient megatron's contract makes the op return is a
+view of ``main_grad``'s memory (DDP's hook skips it unread and drops it; see
+``mcore_internals.wgrad_placeholder``), so it costs nothing. The op saves ``hidden`` and ``weight``, as
+megatron's output layer does. During the forward it holds one logits tile (``ce_chunks.TILE_BYTES``, at least
+2,048 rows on a GPU) and, for 16-bit weights without ``main_grad``, an fp32 G accumulator.
 
 Tensor parallelism: ``tp_group`` is the tensor-parallel process group (None or size 1: no
 communication). ``hidden`` must be the full sequence replicated on the TP ranks (as megatron's output
@@ -77,179 +86,42 @@ all-reduce; so the caller wraps the input as megatron does::
     loss = fused_linear_cross_entropy(hidden, output_layer.weight, labels, tp_group=tp_group)
 
 ``accumulate_into_main_grad=True`` mirrors megatron's ``gradient_accumulation_fusion``: the weight
-gradient is added into ``weight.main_grad`` (captured at forward) in backward and the op returns
-megatron's dummy weight grad (setting ``weight.grad_added_to_main_grad``). Label smoothing is not
-supported.
+gradient is added into ``weight.main_grad`` (captured at forward; in the forward, corrected in backward
+as above) and the op returns megatron's dummy weight grad (setting ``weight.grad_added_to_main_grad``).
+Label smoothing is not supported.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
 from tri_megatron.mcore_internals import main_grad as ddp_main_grad, wgrad_placeholder
+from tri_megatron.ops import ce_chunks as chunks
 from tri_megatron.ops._kernels import use_kernels_for
+from tri_megatron.ops.ce_chunks import default_chunk_size  # noqa: F401  (re-exported)
 
 __all__ = ["fused_linear_cross_entropy", "fused_mtp_cross_entropy", "reference_mtp_cross_entropy",
-           "default_chunk_size", "TILE_BYTES", "backward_path_counts"]
+           "default_chunk_size", "backward_path_counts"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Byte budget of one logits tile (the default chunking); tools and tests may lower it to keep the
-# tiling structure of full-size runs at reduced sizes.
-TILE_BYTES = 64 * 2**20
-# With gradients, every chunk re-reads and re-writes the whole [V/tp, h] weight-gradient accumulator
-# in its GEMM 3: on a GPU chunks are at least this many token rows (or the whole head), so that GEMM
-# stays compute-bound (2,048 rows: 512 FLOP per accumulator byte); a CPU needs far fewer.
-_MIN_GRAD_CHUNK_ROWS = 2048
-_MIN_GRAD_CHUNK_ROWS_CPU = 128
 
-# How many backward calls took each path ("stored": rescale the forward's gradients; "recomputed":
-# the upstream was not proportional to the expected one, weight gradient recomputed). Diagnostics.
-backward_path_counts = {"stored": 0, "recomputed": 0}
+# How many backward calls took each path. "stored": the forward's gradients rescaled (or, into
+# main_grad, already right); "corrected": main_grad got the forward's gradient with a guessed factor,
+# the difference added by a recompute; "recomputed": the upstream was not proportional to the expected
+# one, weight gradient recomputed. Diagnostics.
+backward_path_counts = {"stored": 0, "corrected": 0, "recomputed": 0}
 
 Number = Union[float, torch.Tensor]
-
-
-def default_chunk_size(vocab_local: int, dtype: torch.dtype, rows: int, grads: bool = False,
-                       device: Union[str, torch.device] = "cuda") -> int:
-    """Token rows per chunk: a logits chunk of about ``TILE_BYTES`` (64 MiB), with gradients at least
-    ``_MIN_GRAD_CHUNK_ROWS`` on a GPU (``_MIN_GRAD_CHUNK_ROWS_CPU`` on CPU), in [1, rows]."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    chunk = TILE_BYTES // max(1, vocab_local * elem)
-    if grads:
-        cpu = torch.device(device).type == "cpu"
-        chunk = max(chunk, _MIN_GRAD_CHUNK_ROWS_CPU if cpu else _MIN_GRAD_CHUNK_ROWS)
-    return max(1, min(rows, chunk))
 
 
 def _tp_info(tp_group) -> tuple[int, int]:
     if tp_group is None or not dist.is_available() or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
-
-
-# ------------------------------------------------------------------------ per-chunk primitives -------
-def _ref_row_blocks(logits: torch.Tensor, in_place: bool = False):
-    """Row blocks for the PyTorch reference. Work done in place on the tile takes it whole (few large
-    ops); work with fp32 temporaries goes in blocks of 1/8 of a tile, so the temporaries stay small
-    next to it (the kernels have none) and CPU memory figures reflect the fused design."""
-    step = logits.shape[0] if in_place else max(1, (TILE_BYTES // 8) // max(1, logits.shape[1] * 4))
-    for r0 in range(0, logits.shape[0], max(1, step)):
-        yield slice(r0, min(r0 + step, logits.shape[0]))
-
-
-def _chunk_stats(kern, logits, labels, vocab_start, row_max, row_sumexp, target):
-    """Per-row max, sum exp(x - max), target logit (0 outside this shard) of one logits chunk."""
-    if kern is not None:
-        kern.ce_forward_stats(logits, labels, vocab_start, row_max, row_sumexp, target)
-        return
-    vocab = logits.shape[1]
-    for rb in _ref_row_blocks(logits):
-        lf = logits[rb].to(row_max.dtype)
-        m = lf.amax(dim=-1)
-        row_max[rb] = m
-        row_sumexp[rb] = torch.exp(lf - m[:, None]).sum(dim=-1)
-        t = labels[rb] - vocab_start
-        inside = (t >= 0) & (t < vocab)
-        picked = logits[rb].gather(1, t.clamp(0, vocab - 1)[:, None])[:, 0].to(target.dtype)
-        target[rb] = torch.where(inside, picked, torch.zeros_like(picked))
-
-
-def _chunk_grad_inplace(kern, logits, labels, vocab_start, lse, p_coef, t_coef):
-    """logits <- p_coef * exp(logits - lse) - t_coef * onehot(label), in the logits' dtype."""
-    if kern is not None:
-        kern.ce_backward_inplace(logits, labels, vocab_start, lse, p_coef, t_coef)
-        return
-    vocab = logits.shape[1]
-    for rb in _ref_row_blocks(logits, in_place=logits.dtype == lse.dtype):
-        blk = logits[rb]
-        if blk.dtype == lse.dtype:  # fp32 / fp64 tiles: in place, no temporary
-            g = blk.sub_(lse[rb, None]).exp_().mul_(p_coef[rb, None])
-        else:  # 16-bit tiles: fp32 math, one rounding to the tile's dtype (as the kernel)
-            g = torch.exp(blk.to(lse.dtype) - lse[rb, None]).mul_(p_coef[rb, None])
-        t = labels[rb] - vocab_start
-        rows = torch.nonzero((t >= 0) & (t < vocab), as_tuple=True)[0]
-        g[rows, t[rows]] -= t_coef[rb][rows].to(g.dtype)
-        if g is not blk:
-            blk.copy_(g)
-
-
-def _chunk_loss_grad_ref(logits, labels, vocab_start, q, z_loss, lse, target):
-    """TP=1 reference, statistics and gradient in one go: lse and target logit of each row, and the
-    tile overwritten by ``(softmax * (1 + 2 z lse) - onehot) * q`` (one exp per element, in place)."""
-    vocab = logits.shape[1]
-    for rb in _ref_row_blocks(logits, in_place=logits.dtype == lse.dtype):
-        blk = logits[rb]
-        t = labels[rb] - vocab_start
-        picked = blk.gather(1, t.clamp(0, vocab - 1)[:, None])[:, 0].to(target.dtype)
-        target[rb] = torch.where((t >= 0) & (t < vocab), picked, torch.zeros_like(picked))
-        e = blk if blk.dtype == lse.dtype else blk.to(lse.dtype)  # fp32 / fp64 tiles: in place
-        m = e.amax(dim=-1)
-        e.sub_(m[:, None]).exp_()
-        s = e.sum(dim=-1)
-        lse_b = torch.log(s) + m
-        lse[rb] = lse_b
-        p = q[rb] * (1.0 + 2.0 * z_loss * lse_b) if z_loss else q[rb]
-        e.mul_((p / s)[:, None])
-        rows = torch.nonzero(q[rb] != 0, as_tuple=True)[0]
-        e[rows, t[rows]] -= q[rb][rows].to(e.dtype)
-        if e is not blk:
-            blk.copy_(e)
-
-
-def _global_lse(kern, heads, logits, labels, vocab_start, sdt):
-    """(lse, target logit) per row of one chunk over the whole vocab (TP shards merged)."""
-    stats = torch.empty(3, logits.shape[0], dtype=sdt, device=logits.device)
-    row_max, sumexp, target = stats.unbind(0)
-    _chunk_stats(kern, logits, labels, vocab_start, row_max, sumexp, target)
-    if heads.world > 1:  # merge the vocab shards: global max, then rescaled sum-exp + target
-        gmax = row_max.clone()
-        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=heads.tp_group)
-        packed = torch.stack([sumexp * torch.exp(row_max - gmax), target])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=heads.tp_group)
-        row_max, (sumexp, target) = gmax, packed.unbind(0)
-    return torch.log(sumexp) + row_max, target
-
-
-_ADDMM_FP32_OK: dict = {}
-
-
-def _addmm_fp32_supported(device) -> bool:
-    """Whether this torch can accumulate a bf16 / fp16 GEMM straight into an fp32 tensor (CUDA)."""
-    key = str(device)
-    if key not in _ADDMM_FP32_OK:
-        ok = False
-        if device.type == "cuda":
-            try:
-                a = torch.randn(8, 16, device=device, dtype=torch.bfloat16)
-                b = torch.randn(16, 8, device=device, dtype=torch.bfloat16)
-                acc = torch.ones(8, 8, device=device)
-                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-                ok = torch.allclose(acc, 1 + a.float() @ b.float(), rtol=1e-2, atol=1e-2)
-            except (RuntimeError, TypeError):
-                ok = False
-        _ADDMM_FP32_OK[key] = ok
-    return _ADDMM_FP32_OK[key]
-
-
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, where acc may be fp32 while a / b are bf16 / fp16 (no full-size temporaries)."""
-    if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
-    elif _addmm_fp32_supported(acc.device):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:  # product rounded to the operand dtype, in row blocks small next to a tile (its fp32
-        # upcast in add_ included), so the CPU path's memory reflects the CUDA path's
-        step = max(1, (TILE_BYTES // 16) // max(1, b.shape[1] * 4))
-        for r0 in range(0, a.shape[0], step):
-            acc[r0:r0 + step].add_(a[r0:r0 + step] @ b)
-
-
-def _tile(storage: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """A contiguous [rows, cols] view at the start of a flat reusable buffer."""
-    return storage[: rows * cols].view(rows, cols)
 
 
 # ------------------------------------------------------------------------ autograd function ----------
@@ -289,11 +161,11 @@ def _same_number(a: Number, b: Number) -> bool:
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Forward: token chunks x full vocab shard -> loss rows and (training) the gradients, three GEMMs
-    per chunk. Backward: rescale the stored gradients (or recompute the weight gradient)."""
+    per chunk. Backward: rescale the stored gradients (or correct / recompute the weight gradient)."""
 
     @staticmethod
     def forward(ctx, heads: _Heads, weight: torch.Tensor, *hiddens: torch.Tensor):
-        # One pass over vocabulary chunks computing loss and both gradients (the three-GEMM schedule); kept
+        # One pass over token chunks computing loss and both gradients (the three-GEMM schedule); kept
         # in one function because the chunk loop shares its accumulators and TP statistics across steps.
         ctx.set_materialize_grads(False)  # a head whose loss is unused sends None
         vocab, h = weight.shape
@@ -306,42 +178,57 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need_w = heads.need_grads and ctx.needs_input_grad[1]
         need_x = [heads.need_grads and ctx.needs_input_grad[2 + k] for k in range(len(xs))]
         grads = need_w or any(need_x)
-        chunk = max(1, min(heads.chunk_size or default_chunk_size(vocab, weight.dtype, max(sizes), grads, dev),
+        chunk = max(1, min(heads.chunk_size or chunks.default_chunk_size(vocab, weight.dtype, max(sizes), grads, dev),
                            max(sizes)))
         buf = torch.empty(chunk * vocab, dtype=weight.dtype, device=dev)
         lse_all = torch.empty(sum(sizes), dtype=sdt, device=dev)
         target_all = torch.empty_like(lse_all)
         gx = [torch.empty_like(x) if nx else None for x, nx in zip(xs, need_x)]
-        acc = torch.empty(vocab, h, dtype=_acc_dtype(weight.dtype), device=dev) if need_w else None
-        fresh = need_w and acc.dtype == weight.dtype  # 16-bit weights: fp32 accumulator, zero-filled
-        if need_w and not fresh:
+        # Under megatron DDP (main_grad) the weight gradient goes straight into main_grad, scaled by the
+        # expected common factor (the last one seen; corrected in backward if the real one differs), so no
+        # weight-sized gradient is held from forward to backward. Not inside a backward pass: a forward
+        # run there is an activation recompute, which (non-reentrant) is never backwarded itself.
+        into_main = need_w and heads.main_grad is not None and not _in_backward()
+        c_guess = _scale_guess(weight, sdt) if into_main else None
+        acc = None
+        if into_main:
+            acc = heads.main_grad
+        elif need_w:
+            acc = torch.empty(vocab, h, dtype=_acc_dtype(weight.dtype), device=dev)
+        fresh = need_w and not into_main and acc.dtype == weight.dtype  # else: zero-filled / main_grad
+        if need_w and not into_main and not fresh:
             acc.zero_()
-        w_prev = None  # acc holds sum_k (w_k / w_prev) G_k: rescaled between heads, no host sync
+        w_prev = None  # held acc = sum_k (w_k / w_prev) G_k: rescaled between heads, no host sync
         logits = None
         off = 0
         for k, (x, lab) in enumerate(zip(xs, heads.labels)):
             q = p = None
+            x_scale = None  # into main_grad: GEMM 3 takes (c_guess * w_k) x
             if grads:
                 q = (heads.upstream[k] * heads.scales[k]).contiguous()
-                if need_w and w_prev is not None and not _same_number(w_prev, heads.weights[k]):
-                    acc.mul_(w_prev / heads.weights[k])
-                w_prev = heads.weights[k] if need_w else w_prev
+                if into_main:
+                    x_scale = c_guess * heads.weights[k]
+                elif need_w:
+                    if w_prev is not None and not _same_number(w_prev, heads.weights[k]):
+                        acc.mul_(w_prev / heads.weights[k])
+                    w_prev = heads.weights[k]
             for c0 in range(0, x.shape[0], chunk):
                 c1 = min(c0 + chunk, x.shape[0])
-                logits = torch.mm(x[c0:c1], weight.t(), out=_tile(buf, c1 - c0, vocab))  # GEMM 1
+                logits = torch.mm(x[c0:c1], weight.t(), out=chunks.tile(buf, c1 - c0, vocab))  # GEMM 1
                 rows = slice(off + c0, off + c1)
                 if grads and kern is None and heads.world == 1:  # reference: stats + gradient in one pass
-                    _chunk_loss_grad_ref(logits, lab[c0:c1], vocab_start, q[c0:c1], heads.z_loss,
+                    chunks.chunk_loss_grad_ref(logits, lab[c0:c1], vocab_start, q[c0:c1], heads.z_loss,
                                          lse_all[rows], target_all[rows])
                 else:
-                    lse, target = _global_lse(kern, heads, logits, lab[c0:c1], vocab_start, sdt)
+                    lse, target = chunks.global_lse(kern, heads.world, heads.tp_group, logits, lab[c0:c1],
+                                                    vocab_start, sdt)
                     lse_all[rows] = lse
                     target_all[rows] = target
                     if not grads:
                         continue
                     qc = q[c0:c1]
                     p = (qc * (1.0 + 2.0 * heads.z_loss * lse)).contiguous() if heads.z_loss else qc
-                    _chunk_grad_inplace(kern, logits, lab[c0:c1], vocab_start, lse.contiguous(), p, qc)
+                    chunks.chunk_grad_inplace(kern, logits, lab[c0:c1], vocab_start, lse.contiguous(), p, qc)
                 if need_x[k]:
                     torch.mm(logits, weight, out=gx[k][c0:c1])  # GEMM 2
                 if need_w:
@@ -349,7 +236,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                         torch.mm(logits.t(), x[c0:c1], out=acc)
                         fresh = False
                     else:
-                        _accumulate_mm(acc, logits.t(), x[c0:c1])  # GEMM 3
+                        xc = x[c0:c1] if x_scale is None or _same_number(x_scale, 1.0) else x[c0:c1] * x_scale
+                        chunks.accumulate_mm(acc, logits.t(), xc)  # GEMM 3
             off += x.shape[0]
         del buf, logits
         loss = lse_all - target_all
@@ -359,12 +247,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for hid, valid, sc, part in zip(hiddens, heads.valid, heads.scales, loss.split(sizes)):
             outs.append((part * valid * sc).view(hid.shape[0], hid.shape[1]).t().contiguous())
         if grads:
-            hold = weight.dtype
-            if need_w and heads.main_grad is not None:
-                hold = heads.main_grad.dtype
-            ctx.grad_w = acc if acc is None or acc.dtype == hold else acc.to(hold)
+            ctx.grad_w = None
+            if need_w and not into_main:  # held to backward: in main_grad's dtype, else the weight's
+                hold = heads.main_grad.dtype if heads.main_grad is not None else weight.dtype
+                ctx.grad_w = acc if acc.dtype == hold else acc.to(hold)
             del acc
             ctx.grad_w_scale = w_prev  # ctx.grad_w * grad_w_scale = sum_k w_k G_k
+            ctx.in_main_grad = c_guess  # main_grad already holds c_guess * sum_k w_k G_k
             ctx.grad_x = gx
             ctx.lse = lse_all
             ctx.save_for_backward(weight, *hiddens)
@@ -373,6 +262,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_losses):
+        # Three outcomes for the weight gradient (stored and rescaled, already in main_grad and perhaps
+        # corrected, recomputed) share the hidden-gradient rescale and megatron's placeholder contract.
         heads, sizes = ctx.heads, ctx.sizes
         n_heads = len(sizes)
         if not ctx.grads:
@@ -381,6 +272,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # the stored gradients are rescaled in place and handed out once; a second backward through
         # the same graph (retain_graph) recomputes
         gx, grad_w_stored, ctx.grad_x, ctx.grad_w = ctx.grad_x, ctx.grad_w, None, None
+        in_main, ctx.in_main_grad = ctx.in_main_grad, None
         # per token, the upstream gradient in the op's [s * b] row order (None: head unused)
         ups = [None if g is None else g.t().reshape(-1).to(ctx.lse.dtype) for g in grad_losses]
         need_x = [ctx.needs_input_grad[2 + k] and ups[k] is not None for k in range(n_heads)]
@@ -400,10 +292,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_w = None
         dummy_storage = None
         produced_w = need_w  # a weight gradient exists (in main_grad, or returned)
-        if grad_w_stored is not None and need_w:
-            c = _common_factor(heads, ups)
+        if in_main is not None:  # main_grad holds c_guess * sum_k w_k G_k: add what the real upstream adds
+            c, same = _common_factor(heads, ups, in_main)
+            if c is not None:
+                _remember_scale(weight, c)
+            if same:
+                backward_path_counts["stored"] += 1
+            else:
+                backward_path_counts["corrected"] += 1
+                residual = [(u if u is not None else 0.0) - in_main * w * e
+                            for u, w, e in zip(ups, heads.weights, heads.upstream)]
+                _recompute(heads, weight, hiddens, residual, ctx.lse, sizes, [False] * n_heads, True)
+            need_w, produced_w = False, True
+            dummy_storage = main_grad  # the placeholder may alias it: DDP's hook does not read it
+        elif grad_w_stored is not None and need_w:
+            c, _ = _common_factor(heads, ups)
             if c is not None:
                 backward_path_counts["stored"] += 1
+                _remember_scale(weight, c)
                 scale = c * ctx.grad_w_scale
                 need_w = False
                 if main_grad is None:
@@ -428,10 +334,30 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return (None, grad_w, *grads_h)
 
 
-def _common_factor(heads: _Heads, ups) -> Optional[torch.Tensor]:
-    """c with ups[k][t] == c * weights[k] * upstream[k][t] on every valid token (8 ulp), else None.
+def _in_backward() -> bool:
+    """Whether this runs inside an autograd backward pass (e.g. an activation-recompute forward)."""
+    return torch._C._current_graph_task_id() != -1
 
-    One host sync (the check's verdict)."""
+
+# The common upstream factor last seen per weight (loss scale / micro-batches: constant over a run but
+# for rampups and dynamic loss scaling), the guess the next forward accumulates into main_grad with.
+# Keyed by id with a weak reference (tensors cannot be dict keys by value).
+_SCALES: dict = {}
+
+
+def _scale_guess(weight: torch.Tensor, dtype: torch.dtype) -> Number:
+    ref, c = _SCALES.get(id(weight), (None, None))
+    return c.to(dtype) if ref is not None and ref() is weight else 1.0
+
+
+def _remember_scale(weight: torch.Tensor, c: torch.Tensor) -> None:
+    key = id(weight)
+    _SCALES[key] = (weakref.ref(weight, lambda _ref: _SCALES.pop(key, None)), c.detach().clone())
+
+
+def _common_factor(heads: _Heads, ups, guess: Optional[Number] = None):
+    """(c, same): c with ups[k][t] == c * weights[k] * upstream[k][t] on every valid token (8 ulp), else
+    None; ``same``: c exists and equals ``guess`` to 8 ulp. One host sync (both verdicts)."""
     expect, got = [], []
     for k, g in enumerate(ups):
         e = heads.upstream[k] * heads.weights[k]
@@ -443,7 +369,9 @@ def _common_factor(heads: _Heads, ups) -> Optional[torch.Tensor]:
     c = (g * e).sum() / (e * e).sum().clamp_min(torch.finfo(e.dtype).tiny)
     tol = 8 * torch.finfo(g.dtype).eps
     ok = torch.isfinite(c) & ((g - c * e).abs() <= tol * (c * e).abs()).all()
-    return c if bool(ok) else None
+    same = ok & ((c - guess).abs() <= tol * c.abs()) if guess is not None else ok
+    ok, same = torch.stack([ok, same]).tolist()
+    return (c if ok else None), bool(same and guess is not None)
 
 
 def _recompute(heads, weight, hiddens, ups, lse_all, sizes, need_x, need_w):
@@ -458,7 +386,7 @@ def _recompute(heads, weight, hiddens, ups, lse_all, sizes, need_x, need_w):
     if need_w:
         acc = main_grad if main_grad is not None else torch.zeros(
             vocab, h, dtype=_acc_dtype(weight.dtype), device=weight.device)
-    chunk = max(1, min(heads.chunk_size or default_chunk_size(vocab, weight.dtype, max(sizes), True,
+    chunk = max(1, min(heads.chunk_size or chunks.default_chunk_size(vocab, weight.dtype, max(sizes), True,
                                                               weight.device), max(sizes)))
     buf = torch.empty(chunk * vocab, dtype=weight.dtype, device=weight.device)
     gx: List[Optional[torch.Tensor]] = [None] * len(hiddens)
@@ -473,13 +401,13 @@ def _recompute(heads, weight, hiddens, ups, lse_all, sizes, need_x, need_w):
             p_coef = (t_coef * (1.0 + 2.0 * heads.z_loss * lse)).contiguous() if heads.z_loss else t_coef
             for c0 in range(0, n, chunk):
                 c1 = min(c0 + chunk, n)
-                g = torch.mm(x[c0:c1], weight.t(), out=_tile(buf, c1 - c0, vocab))
-                _chunk_grad_inplace(kern, g, heads.labels[k][c0:c1], vocab_start, lse[c0:c1].contiguous(),
+                g = torch.mm(x[c0:c1], weight.t(), out=chunks.tile(buf, c1 - c0, vocab))
+                chunks.chunk_grad_inplace(kern, g, heads.labels[k][c0:c1], vocab_start, lse[c0:c1].contiguous(),
                                     p_coef[c0:c1], t_coef[c0:c1])
                 if need_x[k]:
                     torch.mm(g, weight, out=gx[k][c0:c1])
                 if need_w:
-                    _accumulate_mm(acc, g.t(), x[c0:c1])
+                    chunks.accumulate_mm(acc, g.t(), x[c0:c1])
         off += n
     del buf
     if acc is None or main_grad is not None:
