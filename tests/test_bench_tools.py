@@ -227,6 +227,29 @@ def test_plan_layout_memory_falls_with_tp_pp_and_recomputation(tmp_path):
         assert mem[(tp, 1, "full")] < mem[(tp, 1, None)]
 
 
+def test_plan_layout_fused_loss_workspace_follows_the_op_tiling():
+    """The fused loss's projected workspace uses the op's own tiling (the constants are pinned together):
+    one bf16 tile of the op's chunk rows x V/tp, one hidden gradient per head, and with SP the gathered inputs."""
+    import torch
+
+    from tri_megatron.config.presets import PRESETS
+    from tri_megatron.ops import ce_chunks
+    from tri_megatron.perf import layout_model as lm
+
+    assert (lm.FUSED_LOSS_TILE_BYTES, lm.FUSED_LOSS_MIN_CHUNK_ROWS) == (ce_chunks.TILE_BYTES,
+                                                                       ce_chunks.MIN_GRAD_CHUNK_ROWS)
+    arch = PRESETS["tri-21b"].arch
+    tokens = 8192
+    for tp, sp in ((1, False), (8, True)):
+        vocab = arch.padded_vocab_size(tp) // tp
+        rows = ce_chunks.default_chunk_size(vocab, torch.bfloat16, tokens, grads=True, device="cuda")
+        heads = 1 + arch.mtp_num_layers
+        gathered = heads * 2 * arch.hidden_size * tokens * (1 - 1 / tp) if sp else 0
+        want = 2 * rows * vocab + heads * 2 * arch.hidden_size * tokens + gathered
+        layout = lm.Layout(tp=tp, pp=1, cp=1, dp=1, sequence_parallel=sp)
+        assert lm.fused_loss_workspace_bytes(arch, layout, tokens) == pytest.approx(want)
+
+
 def test_plan_layout_uses_bench_mfu_calibration(tmp_path, run_result):
     bench_res, _ = run_result
     cal_file = tmp_path / "cpu-bench.json"

@@ -107,7 +107,6 @@ class Assumptions:
     bucket_params: float = 40e6  # DDP bucket (overlap_grad_reduce): the last one is exposed
     memory_overhead_gib: float = 3.0  # CUDA context, NCCL buffers, cuBLAS/attention workspaces
     fragmentation: float = 0.05  # allocator margin on top of tensors
-    fused_loss_workspace_gib: float = 0.25
     usable_memory_fraction: float = 0.95  # "fits" leaves 5% of the device for spikes the model does not see
 
 
@@ -153,6 +152,26 @@ def inflight_microbatches(layout: Layout, rank: int, num_microbatches: int) -> f
     return chunks / v
 
 
+# the fused loss's tiling on a GPU (tri_megatron/ops/ce_chunks.py: TILE_BYTES, MIN_GRAD_CHUNK_ROWS;
+# tests/test_layout_model.py pins the two copies together)
+FUSED_LOSS_TILE_BYTES = 64 * 2**20
+FUSED_LOSS_MIN_CHUNK_ROWS = 2048
+
+
+def fused_loss_workspace_bytes(arch: ModelArch, layout: Layout, tokens: float) -> float:
+    """What the fused loss (tri_megatron/ops/fused_cross_entropy.py) holds beyond the head's stored inputs, for
+    ``tokens`` tokens of one micro-batch (the full sequence of this CP rank): one bf16 logits tile during its
+    forward (at least 2,048 token rows of ``V/tp``, or the whole micro-batch), one bf16 hidden-state gradient per
+    head from forward to backward, and with SP the gathered (not sequence-split) head inputs it saves. The weight
+    gradient goes into DDP's main_grad during the forward (counted in the gradient buffer)."""
+    heads = 1 + arch.mtp_num_layers
+    h = arch.hidden_size
+    vocab = arch.padded_vocab_size(layout.tp) / layout.tp
+    rows = min(tokens, max(FUSED_LOSS_TILE_BYTES // (2 * vocab), FUSED_LOSS_MIN_CHUNK_ROWS))
+    sp = layout.tp if layout.sp else 1
+    return 2.0 * rows * vocab + heads * 2.0 * h * tokens * (2.0 - 1.0 / sp)
+
+
 def activation_bytes(arch: ModelArch, seq_length: int, layout: Layout, rank: int,
                      a: Assumptions = Assumptions()) -> dict:
     """Stored activations (bytes) of ONE micro-batch on a GPU of pipeline rank ``rank``: through all its
@@ -174,7 +193,7 @@ def activation_bytes(arch: ModelArch, seq_length: int, layout: Layout, rank: int
         head = 2.0 * 2 * h / sp * tokens  # final norm input, output-layer input
         head += d * (per_layer_full + 2.0 * 4 * h / sp * tokens)  # MTP layer + its norms / projection
         if layout.fused_loss:
-            head += a.fused_loss_workspace_gib * GIB
+            head += fused_loss_workspace_bytes(arch, layout, tokens)
         else:  # bf16 logits, fp32 copy and softmax kept for backward, per head
             head += (1 + d) * 10.0 * tokens * arch.padded_vocab_size() / layout.tp
     return {"stage": stage, "head": head, "transient": transient}
