@@ -287,6 +287,34 @@ def test_accumulate_into_main_grad_like_megatron(with_flag):
                                    accumulate_into_main_grad=True)
 
 
+def test_bf16_correction_is_as_precise_as_the_learned_factor():
+    """bf16 into an fp32 main_grad with megatron's upstream (c = 1/3): the first micro-batch (guess 1,
+    corrected in backward) and a later one (factor learned) are equally close to float64 -- the
+    correction recomputes the forward's tiles and scales the fp32 product, so no extra bf16 rounding."""
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 512, 64, 1000
+    x = torch.randn(n, 1, h, generator=g).bfloat16()
+    w = (torch.randn(v, h, generator=g) * 0.05).bfloat16()
+    lab = torch.randint(0, v, (1, n), generator=g)
+    mask = (torch.rand(1, n, generator=g) > 0.1).float()
+    wk, c = 1.0 / mask.sum(), 1.0 / 3
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.cross_entropy(xd[:, 0] @ wd.t(), lab[0], reduction="none")
+    (ref * mask[0].double() * wk * c).sum().backward()
+    errors = []
+    wl = w.clone().requires_grad_()
+    for _ in range(2):
+        wl.main_grad = torch.zeros(v, h)
+        before = dict(fce.backward_path_counts)
+        loss = fused_mtp_cross_entropy([x.clone().requires_grad_()], wl, [lab], loss_masks=[mask],
+                                       upstream_weights=[wk], accumulate_into_main_grad=True)[0]
+        (loss * mask * wk * c).sum().backward()
+        errors.append((next(k for k in before if fce.backward_path_counts[k] > before[k]), _rel_err(wl.main_grad, wd.grad)))
+    (first, e1), (second, e2) = errors
+    assert (first, second) == ("corrected", "stored")
+    assert e1 < 5e-3 and e2 < 5e-3 and e1 <= 1.25 * e2, errors
+
+
 def test_into_main_grad_any_upstream_and_retain_graph():
     """Into main_grad, an upstream not of megatron's form (one head unused, random per-token weights) is
     still exact (main_grad corrected by the difference), and a second backward through the same graph

@@ -133,7 +133,7 @@ _ADDMM_FP32_OK: dict = {}
 
 
 def addmm_fp32_supported(device) -> bool:
-    """Whether this torch can accumulate a bf16 / fp16 GEMM straight into an fp32 tensor (CUDA)."""
+    """Whether this torch can accumulate a bf16 / fp16 GEMM (times alpha) straight into an fp32 tensor (CUDA)."""
     key = str(device)
     if key not in _ADDMM_FP32_OK:
         ok = False
@@ -142,25 +142,26 @@ def addmm_fp32_supported(device) -> bool:
                 a = torch.randn(8, 16, device=device, dtype=torch.bfloat16)
                 b = torch.randn(16, 8, device=device, dtype=torch.bfloat16)
                 acc = torch.ones(8, 8, device=device)
-                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-                ok = torch.allclose(acc, 1 + a.float() @ b.float(), rtol=1e-2, atol=1e-2)
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc, alpha=0.5)
+                ok = torch.allclose(acc, 1 + 0.5 * (a.float() @ b.float()), rtol=1e-2, atol=1e-2)
             except (RuntimeError, TypeError):
                 ok = False
         _ADDMM_FP32_OK[key] = ok
     return _ADDMM_FP32_OK[key]
 
 
-def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, where acc may be fp32 while a / b are bf16 / fp16 (no full-size temporaries)."""
+def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """acc += alpha * a @ b, where acc may be fp32 while a / b are bf16 / fp16 (no full-size temporaries;
+    alpha applied to the fp32 product, never to an operand)."""
     if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, alpha=alpha)
     elif addmm_fp32_supported(acc.device):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc, alpha=alpha)
     else:  # product rounded to the operand dtype, in row blocks small next to a tile (its fp32
         # upcast in add_ included), so the CPU path's memory reflects the CUDA path's
         step = max(1, (TILE_BYTES // 16) // max(1, b.shape[1] * 4))
         for r0 in range(0, a.shape[0], step):
-            acc[r0:r0 + step].add_(a[r0:r0 + step] @ b)
+            acc[r0:r0 + step].add_(a[r0:r0 + step] @ b, alpha=alpha)
 
 
 def tile(storage: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -12,8 +12,9 @@ API::
                                      z_loss_weight=0.0, scales=None, upstream_weights=None,
                                      accumulate_into_main_grad=False)
 
-* ``hidden``: ``[s, b, h]`` (megatron's sequence-first layout), fp32 / bf16 / fp16 (fp64 for tests),
-  same dtype as ``weight``.
+* ``hidden``: ``[s, b, h]`` (megatron's sequence-first layout), fp32 / bf16 (fp64 for tests; fp16 runs,
+  but its tiles hold the gradient for the expected upstream, e.g. probabilities / num_tokens, which
+  fp16's range loses: tri_megatron refuses --fp16), same dtype as ``weight``.
 * ``weight``: this rank's vocab shard ``[V / tp, h]`` of the output layer (megatron's vocab-parallel
   ``ColumnParallelLinear`` weight: rank r holds rows ``[r V/tp, (r+1) V/tp)``); no bias.
 * ``labels``: ``[b, s]`` int64 global vocab ids; ``loss_mask``: ``[b, s]``, tokens where it is 0 and
@@ -36,7 +37,8 @@ token rows of one head, against the whole vocab shard,
    rows' statistics are merged over the vocab shards right here (all-reduce MAX, then SUM of rescaled
    sum-exp + target: two small collectives per chunk), so the normaliser is the global one;
 3. the tile is overwritten in place by ``(softmax * (1 + 2 z lse) - onehot) * q`` (CUDA kernel), with
-   ``q = scale * loss_mask`` on valid tokens and 0 elsewhere;
+   ``q = scale * loss_mask * upstream_weight`` on valid tokens and 0 elsewhere (the gradient for the
+   expected upstream, rounded once);
 4. GEMM 2: ``grad_x_c = tile @ W`` (stored, the size of the hidden states);
    GEMM 3: ``G += tile^T @ x_c`` (into ``main_grad`` under megatron DDP, else one ``[V/tp, h]``
    accumulator, fp32 for bf16 / fp16 weights).
@@ -55,9 +57,10 @@ backward
 * weight gradient, **into megatron DDP's ``main_grad``** (``accumulate_into_main_grad``): GEMM 3 already
   added ``c' * G`` into ``main_grad`` in the forward, with ``c'`` the factor this weight's last backward
   found (1 before the first), so nothing weight-sized is held from forward to backward. If the real
-  upstream differs (the first micro-batch of a run, a rampup changing the micro-batch count, or any
-  upstream not of the form above) the backward adds the difference exactly, recomputing the weight
-  gradient for ``upstream - c' * expected`` (logits GEMM + weight-grad GEMM per chunk: "corrected").
+  upstream differs (the first micro-batch of a run, a rampup changing the micro-batch count) the
+  backward adds ``(c - c') * G`` recomputed from the forward's own tiles (logits GEMM + weight-grad
+  GEMM per chunk, the factor applied to the fp32 product: both parts round alike), and for an
+  upstream not of the form above the weight gradient of ``upstream - c' * expected`` ("corrected").
   A forward run inside a backward pass (an activation recompute: reentrant ones are backwarded once,
   non-reentrant ones never) holds ``G`` instead, so recompute never adds a gradient twice.
 * weight gradient **returned** (no ``main_grad``): ``G``, accumulated in the forward, is held and
@@ -130,7 +133,9 @@ class _Heads:
 
     ``valid[k]``: 1 on tokens with a loss (label not ignored, mask != 0); ``upstream[k]``: the loss-mask
     value there (0 elsewhere), the per-token shape of the expected upstream gradient; ``weights[k]``:
-    the per-head factor of the expected upstream (float or 0-dim tensor)."""
+    the per-head factor of the expected upstream (float or 0-dim tensor); ``expect[k]``: their product,
+    the upstream gradient of head k's per-token loss the forward computes the gradients for (the real
+    one is expected to be c times it)."""
 
     def __init__(self, labels, valid, upstream, scales, weights, rank, world, tp_group, chunk_size,
                  z_loss, use_kernels, main_grad, need_grads):
@@ -139,6 +144,11 @@ class _Heads:
         self.rank, self.world, self.tp_group = rank, world, tp_group
         self.chunk_size, self.z_loss = chunk_size, z_loss
         self.use_kernels, self.main_grad, self.need_grads = use_kernels, main_grad, need_grads
+        self.expect = [u * w for u, w in zip(upstream, weights)]
+
+    def coef(self, k: int, upstream: torch.Tensor) -> torch.Tensor:
+        """Per-token factor of head k's tile (softmax - onehot) for a given upstream of its loss."""
+        return (upstream * self.valid[k] * self.scales[k]).contiguous()
 
 
 def _kernel(heads: _Heads, weight: torch.Tensor):
@@ -153,10 +163,6 @@ def _stat_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
-def _same_number(a: Number, b: Number) -> bool:
-    return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and float(a) == float(b)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -189,7 +195,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # weight-sized gradient is held from forward to backward. Not inside a backward pass: a forward
         # run there is an activation recompute, which (non-reentrant) is never backwarded itself.
         into_main = need_w and heads.main_grad is not None and not _in_backward()
-        c_guess = _scale_guess(weight, sdt) if into_main else None
+        c_guess = _scale_guess(weight) if into_main else None
         acc = None
         if into_main:
             acc = heads.main_grad
@@ -198,27 +204,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         fresh = need_w and not into_main and acc.dtype == weight.dtype  # else: zero-filled / main_grad
         if need_w and not into_main and not fresh:
             acc.zero_()
-        w_prev = None  # held acc = sum_k (w_k / w_prev) G_k: rescaled between heads, no host sync
         logits = None
         off = 0
         for k, (x, lab) in enumerate(zip(xs, heads.labels)):
-            q = p = None
-            x_scale = None  # into main_grad: GEMM 3 takes (c_guess * w_k) x
-            if grads:
-                q = (heads.upstream[k] * heads.scales[k]).contiguous()
-                if into_main:
-                    x_scale = c_guess * heads.weights[k]
-                elif need_w:
-                    if w_prev is not None and not _same_number(w_prev, heads.weights[k]):
-                        acc.mul_(w_prev / heads.weights[k])
-                    w_prev = heads.weights[k]
+            # the tile becomes the gradient for the expected upstream (weights[k] folded in before its one
+            # rounding), so G sums over the heads as they are and the hidden gradients need one rescale
+            q = heads.coef(k, heads.expect[k]) if grads else None
             for c0 in range(0, x.shape[0], chunk):
                 c1 = min(c0 + chunk, x.shape[0])
                 logits = torch.mm(x[c0:c1], weight.t(), out=chunks.tile(buf, c1 - c0, vocab))  # GEMM 1
                 rows = slice(off + c0, off + c1)
                 if grads and kern is None and heads.world == 1:  # reference: stats + gradient in one pass
                     chunks.chunk_loss_grad_ref(logits, lab[c0:c1], vocab_start, q[c0:c1], heads.z_loss,
-                                         lse_all[rows], target_all[rows])
+                                               lse_all[rows], target_all[rows])
                 else:
                     lse, target = chunks.global_lse(kern, heads.world, heads.tp_group, logits, lab[c0:c1],
                                                     vocab_start, sdt)
@@ -235,9 +233,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     if fresh:  # the first chunk writes the accumulator (no zero-fill, no read)
                         torch.mm(logits.t(), x[c0:c1], out=acc)
                         fresh = False
-                    else:
-                        xc = x[c0:c1] if x_scale is None or _same_number(x_scale, 1.0) else x[c0:c1] * x_scale
-                        chunks.accumulate_mm(acc, logits.t(), xc)  # GEMM 3
+                    else:  # into main_grad: times the factor expected from the upstream
+                        chunks.accumulate_mm(acc, logits.t(), x[c0:c1], c_guess if into_main else 1.0)  # GEMM 3
             off += x.shape[0]
         del buf, logits
         loss = lse_all - target_all
@@ -252,8 +249,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 hold = heads.main_grad.dtype if heads.main_grad is not None else weight.dtype
                 ctx.grad_w = acc if acc.dtype == hold else acc.to(hold)
             del acc
-            ctx.grad_w_scale = w_prev  # ctx.grad_w * grad_w_scale = sum_k w_k G_k
-            ctx.in_main_grad = c_guess  # main_grad already holds c_guess * sum_k w_k G_k
+            ctx.in_main_grad = c_guess  # main_grad already holds c_guess * G (G = sum_k w_k G_k)
             ctx.grad_x = gx
             ctx.lse = lse_all
             ctx.save_for_backward(weight, *hiddens)
@@ -279,47 +275,45 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need_w = ctx.needs_input_grad[1] and any(u is not None for u in ups)
         main_grad = heads.main_grad
 
+        c, same, lost = _verdict(heads, ups, in_main)  # one host sync
         grads_h: List[Optional[torch.Tensor]] = [None] * n_heads
         if gx is not None:
             for k in range(n_heads):
-                if need_x[k] and gx[k] is not None:
-                    u = heads.upstream[k]
-                    factor = torch.where(u != 0, ups[k] / torch.where(u != 0, u, torch.ones_like(u)),
-                                         torch.zeros_like(u))
+                if need_x[k] and gx[k] is not None and not lost[k]:
+                    e = heads.expect[k]
+                    factor = torch.where(e != 0, ups[k] / torch.where(e != 0, e, torch.ones_like(e)),
+                                         torch.zeros_like(e))
                     grads_h[k] = gx[k].mul_(factor[:, None]).view(hiddens[k].shape)
+                    need_x[k] = False
             del gx
-            need_x = [False] * n_heads
         grad_w = None
         dummy_storage = None
         produced_w = need_w  # a weight gradient exists (in main_grad, or returned)
-        if in_main is not None:  # main_grad holds c_guess * sum_k w_k G_k: add what the real upstream adds
-            c, same = _common_factor(heads, ups, in_main)
+        if in_main is not None:  # main_grad holds c' * G: add what the real upstream adds
             if c is not None:
                 _remember_scale(weight, c)
             if same:
                 backward_path_counts["stored"] += 1
-            else:
+            else:  # add the difference: (c - c') G for megatron's upstream (the forward's tiles again, so
+                # the two parts round alike), the gradient of upstream - c' * expected for any other
                 backward_path_counts["corrected"] += 1
-                residual = [(u if u is not None else 0.0) - in_main * w * e
-                            for u, w, e in zip(ups, heads.weights, heads.upstream)]
-                _recompute(heads, weight, hiddens, residual, ctx.lse, sizes, [False] * n_heads, True)
+                no_x = [False] * n_heads
+                if c is not None:
+                    _recompute(heads, weight, hiddens, heads.expect, ctx.lse, sizes, no_x, True, alpha=c - in_main)
+                else:
+                    residual = [(u if u is not None else 0.0) - in_main * e for u, e in zip(ups, heads.expect)]
+                    _recompute(heads, weight, hiddens, residual, ctx.lse, sizes, no_x, True)
             need_w, produced_w = False, True
             dummy_storage = main_grad  # the placeholder may alias it: DDP's hook does not read it
-        elif grad_w_stored is not None and need_w:
-            c, _ = _common_factor(heads, ups)
-            if c is not None:
-                backward_path_counts["stored"] += 1
-                _remember_scale(weight, c)
-                scale = c * ctx.grad_w_scale
-                need_w = False
-                if main_grad is None:
-                    grad_w = grad_w_stored.mul_(scale)
-                elif grad_w_stored.dtype == main_grad.dtype:
-                    main_grad.addcmul_(grad_w_stored, scale)
-                else:
-                    main_grad.add_(grad_w_stored.mul_(scale))
-                if main_grad is not None:  # its storage becomes megatron's dummy weight grad
-                    dummy_storage = grad_w_stored
+        elif grad_w_stored is not None and need_w and c is not None:
+            backward_path_counts["stored"] += 1
+            _remember_scale(weight, c)
+            need_w = False
+            if main_grad is None:
+                grad_w = grad_w_stored.mul_(c)
+            else:  # held in main_grad's dtype; its storage becomes megatron's dummy weight grad
+                main_grad.add_(grad_w_stored, alpha=c)
+                dummy_storage = grad_w_stored
         del grad_w_stored  # before anything weight-sized is allocated
         if need_w or any(need_x):
             backward_path_counts["recomputed"] += 1
@@ -345,39 +339,41 @@ def _in_backward() -> bool:
 _SCALES: dict = {}
 
 
-def _scale_guess(weight: torch.Tensor, dtype: torch.dtype) -> Number:
+def _scale_guess(weight: torch.Tensor) -> float:
     ref, c = _SCALES.get(id(weight), (None, None))
-    return c.to(dtype) if ref is not None and ref() is weight else 1.0
+    return c if ref is not None and ref() is weight else 1.0
 
 
-def _remember_scale(weight: torch.Tensor, c: torch.Tensor) -> None:
+def _remember_scale(weight: torch.Tensor, c: float) -> None:
     key = id(weight)
-    _SCALES[key] = (weakref.ref(weight, lambda _ref: _SCALES.pop(key, None)), c.detach().clone())
+    _SCALES[key] = (weakref.ref(weight, lambda _ref: _SCALES.pop(key, None)), float(c))
 
 
-def _common_factor(heads: _Heads, ups, guess: Optional[Number] = None):
-    """(c, same): c with ups[k][t] == c * weights[k] * upstream[k][t] on every valid token (8 ulp), else
-    None; ``same``: c exists and equals ``guess`` to 8 ulp. One host sync (both verdicts)."""
-    expect, got = [], []
-    for k, g in enumerate(ups):
-        e = heads.upstream[k] * heads.weights[k]
-        expect.append(e)
-        got.append(g if g is not None else torch.zeros_like(e))
-    e, g = torch.cat(expect), torch.cat(got)
+def _verdict(heads: _Heads, ups, guess: Optional[float] = None):
+    """One host sync on the upstream gradients ``ups`` (per head, None: unused). Returns (c, same, lost):
+    c (float) with ``ups[k][t] == c * expect[k][t]`` on every valid token to 8 ulp, else None; ``same``:
+    c equals ``guess`` to 8 ulp; ``lost[k]``: head k gets an upstream on a valid token where its expected
+    one is 0 (its stored hidden gradient cannot be rescaled to it)."""
+    got = [g if g is not None else torch.zeros_like(e) for g, e in zip(ups, heads.expect)]
     on = torch.cat(heads.valid) != 0
+    e, g = torch.cat(heads.expect), torch.cat(got)
     e, g = torch.where(on, e, torch.zeros_like(e)), torch.where(on, g, torch.zeros_like(g))
     c = (g * e).sum() / (e * e).sum().clamp_min(torch.finfo(e.dtype).tiny)
     tol = 8 * torch.finfo(g.dtype).eps
     ok = torch.isfinite(c) & ((g - c * e).abs() <= tol * (c * e).abs()).all()
-    same = ok & ((c - guess).abs() <= tol * c.abs()) if guess is not None else ok
-    ok, same = torch.stack([ok, same]).tolist()
-    return (c if ok else None), bool(same and guess is not None)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    same = ok & ((c - (guess or 0.0)).abs() <= tol * c.abs())
+    lost = [((ek == 0) & (vk != 0) & (gk != 0)).any() for ek, vk, gk in zip(heads.expect, heads.valid, got)]
+    flags = torch.stack([ok.to(c.dtype), same.to(c.dtype), c, *[x.to(c.dtype) for x in lost]]).tolist()
+    ok, same, c_value = bool(flags[0]), bool(flags[1]), flags[2]
+    return (c_value if ok else None), bool(same and guess is not None), [bool(x) for x in flags[3:]]
 
 
-def _recompute(heads, weight, hiddens, ups, lse_all, sizes, need_x, need_w):
+def _recompute(heads, weight, hiddens, ups, lse_all, sizes, need_x, need_w, alpha: float = 1.0):
     """Exact gradients for any upstream (the unfused backward, chunked): per chunk, logits GEMM,
     softmax - onehot scaled by the upstream, hidden-grad GEMM and / or weight-grad GEMM (into
-    ``main_grad`` when set). Returns (hidden grads per head or None, weight grad or None)."""
+    ``main_grad`` when set; the weight gradient times ``alpha``). Returns
+    (hidden grads per head or None, weight grad or None)."""
     vocab, h = weight.shape
     vocab_start = heads.rank * vocab
     kern = _kernel(heads, weight)
@@ -387,7 +383,7 @@ def _recompute(heads, weight, hiddens, ups, lse_all, sizes, need_x, need_w):
         acc = main_grad if main_grad is not None else torch.zeros(
             vocab, h, dtype=_acc_dtype(weight.dtype), device=weight.device)
     chunk = max(1, min(heads.chunk_size or chunks.default_chunk_size(vocab, weight.dtype, max(sizes), True,
-                                                              weight.device), max(sizes)))
+                                                                     weight.device), max(sizes)))
     buf = torch.empty(chunk * vocab, dtype=weight.dtype, device=weight.device)
     gx: List[Optional[torch.Tensor]] = [None] * len(hiddens)
     off = 0
@@ -396,18 +392,18 @@ def _recompute(heads, weight, hiddens, ups, lse_all, sizes, need_x, need_w):
         n = sizes[k]
         if ups[k] is not None and (need_w or need_x[k]):
             gx[k] = torch.empty_like(x) if need_x[k] else None
-            t_coef = (ups[k] * heads.valid[k] * heads.scales[k]).contiguous()
+            t_coef = heads.coef(k, ups[k])
             lse = lse_all[off:off + n]
             p_coef = (t_coef * (1.0 + 2.0 * heads.z_loss * lse)).contiguous() if heads.z_loss else t_coef
             for c0 in range(0, n, chunk):
                 c1 = min(c0 + chunk, n)
                 g = torch.mm(x[c0:c1], weight.t(), out=chunks.tile(buf, c1 - c0, vocab))
                 chunks.chunk_grad_inplace(kern, g, heads.labels[k][c0:c1], vocab_start, lse[c0:c1].contiguous(),
-                                    p_coef[c0:c1], t_coef[c0:c1])
+                                          p_coef[c0:c1], t_coef[c0:c1])
                 if need_x[k]:
                     torch.mm(g, weight, out=gx[k][c0:c1])
                 if need_w:
-                    chunks.accumulate_mm(acc, g.t(), x[c0:c1])
+                    chunks.accumulate_mm(acc, g.t(), x[c0:c1], alpha)
         off += n
     del buf
     if acc is None or main_grad is not None:
