@@ -478,21 +478,37 @@ def _rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def test_gpu_fused_matches_megatron_unfused_bf16(kernel_device):
-    """Against megatron's unfused formula at TP=1 (bf16 logits, fp32 softmax)."""
+@pytest.mark.parametrize("into_main_grad", [False, True], ids=["grad", "main_grad"])
+def test_gpu_fused_matches_megatron_unfused_bf16(kernel_device, into_main_grad):
+    """Against megatron's unfused formula at TP=1 (bf16 logits, fp32 softmax). main_grad: two micro-batches
+    into an fp32 main_grad as under megatron DDP (the first corrects the factor the op guessed, the second
+    uses the one it learned; on CUDA through addmm into fp32 with alpha): twice the reference gradient."""
     dev = kernel_device
     g = torch.Generator(device=dev).manual_seed(1)
     S, B, H, V = (512, 2, 512, 32000) if dev == "cuda" else (96, 2, 64, 32000)
     x = torch.randn(S, B, H, device=dev, generator=g).bfloat16().requires_grad_()
     w = (torch.randn(V, H, device=dev, generator=g) * 0.03).bfloat16().requires_grad_()
     labels = torch.randint(0, V, (B, S), device=dev, generator=g)
-    loss = fused_linear_cross_entropy(x, w, labels, chunk_size=300 if dev == "cuda" else 64)
-    loss.mean().backward()
-    gx, gw = x.grad.clone(), w.grad.clone()
+    steps = 2 if into_main_grad else 1
+    if into_main_grad:
+        w.main_grad = torch.zeros(V, H, device=dev)
+        w.grad_added_to_main_grad = False
+    paths = []
+    for _ in range(steps):
+        before = dict(fce.backward_path_counts)
+        loss = fused_linear_cross_entropy(x, w, labels, chunk_size=300 if dev == "cuda" else 64,
+                                          accumulate_into_main_grad=into_main_grad)
+        loss.mean().backward()
+        paths.append(next(k for k in before if fce.backward_path_counts[k] > before[k]))
+        if into_main_grad:  # what megatron DDP's hook does with the placeholder
+            w.grad, w.grad_added_to_main_grad = None, False
+    gx = x.grad / steps
+    gw = w.main_grad / steps if into_main_grad else w.grad.clone()
     x.grad = w.grad = None
     logits = torch.matmul(x, w.t()).float()
     ref = F.cross_entropy(logits.view(-1, V), labels.t().reshape(-1), reduction="none").view(S, B).t()
     ref.mean().backward()
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    assert paths == (["corrected", "stored"] if into_main_grad else ["stored"])
     assert _rel_err(gx, x.grad) < 1e-2
     assert _rel_err(gw, w.grad) < 1e-2

@@ -327,7 +327,8 @@ def stage_bench(ctx: Ctx) -> dict:
     with open(out) as f:
         data = json.load(f)
     loss = [{k: r.get(k) for k in ("tp", "mtp_depth", "grad_mode", "fused_ms", "unfused_ms", "time_ratio",
-                                   "fused_peak_mib", "unfused_peak_mib", "mem_ratio")}
+                                   "floor_ratio", "fused_peak_mib", "unfused_peak_mib", "mem_ratio",
+                                   "fused_backward", "grad_rel_err_fused_vs_unfused")}
             for r in data["rows"] if r.get("bench") == "mtp_loss"]
     rope = [{k: r.get(k) for k in ("case", "tp", "fused_ms", "unfused_ms", "speedup", "mem_ratio")}
             for r in data["rows"] if r.get("bench") == "rope"]
