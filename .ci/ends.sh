@@ -2,7 +2,7 @@
 # The focused pass at the other end of the declared dependency ranges (setup.py): megatron-core 0.19 and
 # the oldest transformers we declare, in .venv-ends from .ci/constraints-ends.txt (the whole suite runs
 # on the lock, constraints.txt, which holds megatron-core 0.16.1 and the newest transformers we declare).
-# Model parity at TP2 / PP2 / VPP with MTP (fused and unfused loss, the fused loss under SP, and against the stock
+# Model parity at TP2 (with and without SP) / PP2 / VPP with MTP (fused and unfused loss, the fused loss under SP, and against the stock
 # model inside megatron's schedule), resume, the megatron-core seams,
 # the HF conversion round trip, exports ready to serve and cached generation. Extra arguments go to pytest.
 set -euo pipefail
@@ -17,6 +17,7 @@ exec .venv-ends/bin/python -m pytest -q -p no:cacheprovider --disable-warnings \
   tests/test_hf_generate.py tests/test_convert.py tests/test_hf_serving.py \
   "tests/test_parity.py::test_fused_mtp_loss_matches_unfused_path" \
   "tests/test_parity.py::test_layout_matches_single_process[mtp-tp2]" \
+  "tests/test_parity.py::test_layout_matches_single_process[mtp-tp2_sp]" \
   "tests/test_parity.py::test_layout_matches_single_process[mtp-pp2_vpp2]" \
   "tests/test_parity.py::test_layout_matches_single_process[mtp-tp2_pp2]" \
   tests/test_training.py -k "not bf16 and not learns" "$@"

@@ -28,8 +28,6 @@ CASES = {
     "batch_not_divisible": (1, ["--global-batch-size", "7"], "--global-batch-size 7"),
     "seq_over_context": (1, ["--seq-length", "512"], "--max-position-embeddings 512"),
     "fp8_without_te": (1, ["--fp8-format", "hybrid"], "--fp8-format hybrid"),
-    "sequence_parallel_without_te": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-                                     "--sequence-parallel needs Transformer Engine"),
 }
 
 

@@ -504,24 +504,39 @@ def test_megatron_rope_bshd():
     torch.testing.assert_close(rope(t, freqs), want, msg=_seam("_apply_rotary_pos_emb_bshd is rotate-half RoPE"))
 
 
-def test_torch_norms_built_by():
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    assert _params(WrappedTorchNorm.__new__)[:4] == ["cls", "config", "hidden_size", "eps"], \
-        _seam("WrappedTorchNorm.__new__(cls, config, hidden_size, eps, ...)")
-    cfg = _tiny_config(num_layers=1, normalization="RMSNorm")
+class _RecordingNorm(torch.nn.RMSNorm):
+    """A norm built as megatron builds norms, recording what it was built with."""
     built = []
 
-    def build(config, hidden_size, eps, megatron_norm):
-        built.append((hidden_size, eps))
-        return megatron_norm(config)
+    def __init__(self, config, hidden_size, eps=1e-5, **kwargs):
+        super().__init__(hidden_size, eps=eps)
+        _RecordingNorm.built.append((hidden_size, eps))
 
-    with mcore_internals.torch_norms_built_by(build):
-        inner = WrappedTorchNorm(cfg, 16, 1e-6)
-    assert built == [(16, 1e-6)]
-    outer = WrappedTorchNorm(cfg, 16, 1e-6)
-    assert type(inner) is type(outer) and isinstance(outer, torch.nn.Module), _seam("WrappedTorchNorm builds a norm")
-    assert built == [(16, 1e-6)]  # put back
+
+def test_norm_slots_of_layer_block_and_mtp_specs(megatron_single_process):
+    """set_norm_modules / set_mtp_norm_modules / decoder_block_spec put our norm in every norm of a GPT model
+    with MTP: 2 per decoder layer, the decoder's final norm, and per MTP layer enorm, hnorm, its transformer
+    layer's 2 and its final norm; megatron's specs stay untouched and the decoder has its layers."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
+
+    cfg = _tiny_config(num_layers=3, mtp_num_layers=2, normalization="RMSNorm", layernorm_epsilon=1e-6)
+    megatron_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    megatron_norm = megatron_spec.submodules.input_layernorm
+    spec = mcore_internals.set_norm_modules(megatron_spec, _RecordingNorm)
+    assert megatron_spec.submodules.input_layernorm is megatron_norm  # a copy: megatron's spec untouched
+    mtp = get_gpt_mtp_block_spec(cfg, spec, use_transformer_engine=False)
+    ours_mtp = mcore_internals.set_mtp_norm_modules(mtp, _RecordingNorm)
+    block = mcore_internals.decoder_block_spec(cfg, spec, _RecordingNorm)
+    _RecordingNorm.built.clear()
+    model = GPTModel(cfg, block, vocab_size=64, max_sequence_length=8, mtp_block_spec=ours_mtp)
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.RMSNorm, torch.nn.LayerNorm))]
+    want = 2 * 3 + 1 + 2 * (3 + 2)
+    assert len(norms) == want and all(type(m) is _RecordingNorm for m in norms), \
+        _seam(f"norm slots: {sorted({type(m).__name__ for m in norms})}, {len(norms)} norms (expected {want})")
+    assert _RecordingNorm.built == [(32, 1e-6)] * want, _seam("norms built with (config, hidden_size, eps)")
+    assert len(model.decoder.layers) == 3 and type(model.decoder.final_layernorm) is _RecordingNorm
+    assert mtp.layer_specs[0].submodules.enorm is not _RecordingNorm  # a copy: megatron's MTP spec untouched
 
 
 def test_set_attention_modules():

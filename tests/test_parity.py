@@ -22,18 +22,20 @@ FEATURES = {
 
 LAYOUTS = {
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "tp2_sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
     "pp2_vpp2": (2, ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"]),
     "dp2": (2, []),
     "dp2_distopt": (2, ["--use-distributed-optimizer"]),
     "tp2_pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    "tp2_sp_pp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size", "2"]),
 }
 
 CASES = [
     *[("base", layout) for layout in LAYOUTS],
-    ("mtp", "tp2"), ("mtp", "pp2_vpp2"), ("mtp", "dp2_distopt"), ("mtp", "tp2_pp2"),
-    ("ssmax_irope", "tp2"), ("ssmax_irope", "pp2"), ("ssmax_irope", "tp2_pp2"),
-    ("tri70b_style", "tp2_pp2"),
+    ("mtp", "tp2"), ("mtp", "tp2_sp"), ("mtp", "pp2_vpp2"), ("mtp", "dp2_distopt"), ("mtp", "tp2_pp2"),
+    ("ssmax_irope", "tp2"), ("ssmax_irope", "tp2_sp"), ("ssmax_irope", "pp2"), ("ssmax_irope", "tp2_pp2"),
+    ("tri70b_style", "tp2_pp2"), ("tri70b_style", "tp2_sp_pp2"),
 ]
 
 
@@ -76,6 +78,7 @@ def test_layout_matches_single_process(references, feature, layout):
 
 FUSED_LAYOUTS = {"single": (1, []), "tp2": (2, ["--tensor-model-parallel-size", "2"]),
                  "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+                 "tp2_sp": LAYOUTS["tp2_sp"], "pp2_vpp2": LAYOUTS["pp2_vpp2"],
                  "dp2_distopt": (2, ["--use-distributed-optimizer", "--overlap-grad-reduce"])}
 
 

@@ -153,7 +153,6 @@ def _without(words: list, flags: tuple) -> list:
                                                 ("tri-70b.sbatch", 250, {"GLOBAL_BATCH_SIZE": "1000"})])
 def test_sbatch_scripts_launch_valid_layouts(script, nodes, extra):
     from tri_megatron.config import load_run_config
-    from tri_megatron.runtime import transformer_engine_available
 
     words = _dry_run(script, nodes, **extra)
     assert words[:2] == ["srun", f"--ntasks={8 * nodes}"]
@@ -166,8 +165,6 @@ def test_sbatch_scripts_launch_valid_layouts(script, nodes, extra):
     assert "--config" in train_args  # model, layout and schedule come from examples/configs/
     flat = expand(build_parser(), train_args)  # the file's flags, then the script's (which override them)
     check = _without(flat, ("--data-path", "--tokenizer", "--data-cache-path", "--split")) + ["--mock-data"]
-    if not transformer_engine_available():
-        check.remove("--sequence-parallel")  # needs TE's norms; validated on GPU machines only
     cfg = load_run_config(check, world_size=8 * nodes, rank=0, check_disk=False)
     par = cfg.parallel
     dp = 8 * nodes // (par.tp * par.pp * par.cp)

@@ -120,12 +120,6 @@ class TrainingConfig:
             raise ArgumentError(
                 f"--seq-length {self.seq_length} exceeds the {arch.name} context of {arch.context_length}; "
                 f"pass --max-position-embeddings {self.seq_length} to extend it deliberately")
-        from tri_megatron import runtime  # what this machine has (the dry run stands in for the GPU nodes)
-
-        if parallel.sequence_parallel and not runtime.use_transformer_engine(self.transformer_impl):
-            raise ArgumentError(
-                "--sequence-parallel needs Transformer Engine's norms (megatron-core's torch norm refuses it); "
-                "install transformer-engine[pytorch] or drop --sequence-parallel")
         if self.seq_length % (parallel.tp if parallel.sequence_parallel else 1) or \
                 self.seq_length % (2 * parallel.cp if parallel.cp > 1 else 1):
             raise ArgumentError(
@@ -137,6 +131,8 @@ class TrainingConfig:
                                 f"or fused")
         if self.recompute_method and self.recompute_granularity != "full":
             raise ArgumentError("--recompute-method applies to --recompute-granularity full; add it or drop the method")
+        from tri_megatron import runtime  # what this machine has (the dry run stands in for the GPU nodes)
+
         if self.fp8_format:
             if not runtime.transformer_engine_available():
                 raise ArgumentError(

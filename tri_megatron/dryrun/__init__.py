@@ -4,7 +4,7 @@ With the exact training flags and the job's GPU count, in one process and withou
 
 1. validates everything ``pretrain_tri.py`` validates before it starts (flags and layout at world size
    N, data paths and the tokenizer's vocabulary, ``--load`` compatibility, the padded vocabulary),
-   assuming the GPU nodes have Transformer Engine where the flags need it (``--sequence-parallel``);
+   assuming the GPU nodes have Transformer Engine where the flags need it (``--fp8-format``);
 2. for each distinct pipeline role (first stage, a middle stage, last stage) builds that rank's real
    megatron-core model chunks, DDP buffers and distributed optimizer at world size N on the meta
    device (``stage.measure_stage``: torch's fake process group, no memory, seconds), and runs one

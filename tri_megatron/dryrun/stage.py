@@ -12,15 +12,13 @@ For the rank (TP 0, CP 0, DP 0) of pipeline stage ``pp_rank`` of the target job 
   storages autograd keeps (weights excluded), with the GPU run's kernels where the CPU build would
   use reference code: megatron's fused SwiGLU (``bias_activation_fusion``); a core attention that saves
   what flash attention saves (q, k, v, output, fp32 log-sum-exp) instead of score matrices; RMSNorms
-  that save what Transformer Engine's does (input, fp32 1/rms) instead of torch's fp32 intermediates
-  (those also accept sequence parallelism, which megatron-core's torch norm refuses). The loss is
-  megatron's vocab-parallel cross entropy (fp32 softmax stored), not the fused MTP loss.
+  that save what Transformer Engine's does (input, fp32 1/rms) instead of torch's fp32 intermediates.
+  The loss is megatron's vocab-parallel cross entropy (fp32 softmax stored), not the fused MTP loss.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 from typing import List
 
@@ -74,40 +72,32 @@ class _RMSNormSaves(torch.autograd.Function):
         return torch.empty_like(x), torch.empty_like(weight)
 
 
-class _DryRunRMSNorm(torch.nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(hidden_size))
-        self.eps = eps
+def _dry_run_norm():
+    """The local spec's RMSNorm, saving for backward what Transformer Engine's norm saves."""
+    from tri_megatron.model.norm import TriRMSNorm
 
-    def forward(self, x):
-        return _RMSNormSaves.apply(x, self.weight)
+    class DryRunRMSNorm(TriRMSNorm):
+        def forward(self, x):
+            return _RMSNormSaves.apply(x, self.weight)
+
+    return DryRunRMSNorm
 
 
 @contextlib.contextmanager
 def _dry_run_layers():
-    """Flash-attention saves in the local core attention; norms that accept sequence parallelism."""
-    from tri_megatron.mcore_internals import torch_norms_built_by
+    """Flash-attention saves in the local core attention; RMSNorms with Transformer Engine's saves."""
+    from tri_megatron.model import specs
     from tri_megatron.model.attention import SDPACoreAttention
 
     def attend(self, q, k, v, q_start):  # q [b, h, s, d]; k, v [b, groups, s, d], kept unexpanded as flash does
         return _FlashAttentionSaves.apply(q, k, v)
 
-    def norm(config, hidden_size, eps, megatron_norm):
-        if config.normalization == "RMSNorm":
-            return _DryRunRMSNorm(hidden_size, eps)
-        if config.sequence_parallel:
-            config = copy.copy(config)
-            config.sequence_parallel = False
-        return megatron_norm(config)
-
-    orig_attend = SDPACoreAttention._attend
-    SDPACoreAttention._attend = attend
+    orig_attend, orig_norm = SDPACoreAttention._attend, specs.LOCAL_NORM
+    SDPACoreAttention._attend, specs.LOCAL_NORM = attend, _dry_run_norm()
     try:
-        with torch_norms_built_by(norm):  # the seam in mcore_internals
-            yield
+        yield
     finally:
-        SDPACoreAttention._attend = orig_attend
+        SDPACoreAttention._attend, specs.LOCAL_NORM = orig_attend, orig_norm
 
 
 def _build_chunks(config, cfg) -> list:

@@ -37,7 +37,10 @@ Model (``model/fused_loss.py``, ``model/config.py``, ``model/attention.py``):
   packed_seq_params=)``. ``divert_rotary_pos_emb`` takes the frequencies out of the keyword arguments,
   ``is_inference_call`` reads either KV-cache keyword (``inference_context``, ``inference_params``).
 * the GPT layer spec's layout (``model/specs.py``): ``spec.submodules.self_attention.module`` and
-  ``.submodules.core_attention``: ``set_attention_modules``.
+  ``.submodules.core_attention``: ``set_attention_modules``; its norm slots ``input_layernorm`` and
+  ``pre_mlp_layernorm``: ``set_norm_modules``; the MTP block spec's ``layer_specs[i].submodules.enorm`` /
+  ``hnorm`` / ``layer_norm``: ``set_mtp_norm_modules``; the decoder block spec megatron derives from a layer
+  spec (``TransformerBlockSubmodules``, ``get_num_layers_to_build``) with our final norm: ``decoder_block_spec``.
 
 Distributed data parallel and optimizer (``ops/fused_cross_entropy.py``, ``training/checkpointing.py``,
 ``training/fault.py``):
@@ -68,8 +71,6 @@ Host stand-ins (``compat/cpu.py``, ``dryrun/fake_world.py``, ``tools/bench_kerne
   bound in ``tensor_parallel.cross_entropy`` (rebound here); 0.19 takes ``tp_group=``:
   ``vocab_parallel_cross_entropy_on``. ``rope_utils._apply_rotary_pos_emb_bshd`` (private; 0.19 added
   ``mla_rotary_interleaved``): ``megatron_rope_bshd``.
-* ``WrappedTorchNorm.__new__(cls, config, hidden_size, eps, ...)`` (the local spec's norm factory), replaced
-  while the dry run builds its layers (``dryrun/stage.py``): ``torch_norms_built_by``.
 
 Pinned only (the caller's owner is changing that file): ``datasets.helpers.build_exhaustive_blending_indices``
 (``data/datasets.py``).
@@ -97,6 +98,7 @@ from tri_megatron.mcore_internals.mtp import (  # noqa: F401
 )
 from tri_megatron.mcore_internals.model import (  # noqa: F401
     ROPE_KWARG,
+    decoder_block_spec,
     divert_rotary_pos_emb,
     extend_no_rope_freq_for_mtp,
     in_ddp_grad_buffer,
@@ -104,6 +106,8 @@ from tri_megatron.mcore_internals.model import (  # noqa: F401
     main_grad,
     mtp_transformer_layer_number,
     set_attention_modules,
+    set_mtp_norm_modules,
+    set_norm_modules,
     wgrad_fusion_available,
     wgrad_placeholder,
 )
@@ -121,6 +125,5 @@ from tri_megatron.mcore_internals.host import (  # noqa: F401
     gloo_groups_as_main,
     megatron_rope_bshd,
     route_rng_tracker_to_host,
-    torch_norms_built_by,
     vocab_parallel_cross_entropy_on,
 )

@@ -1,5 +1,5 @@
 """Host stand-ins: what megatron-core needs to run without CUDA or NCCL (RNG tracker, gloo groups, cross entropy
-on a group, RoPE, torch norms).
+on a group, RoPE).
 
 Part of the megatron-core seam (``tri_megatron.mcore_internals``: see its docstring for every seam).
 """
@@ -85,22 +85,3 @@ def megatron_rope_bshd():
     if fn is None:
         raise SeamError("megatron RoPE (bshd)", "rope_utils._apply_rotary_pos_emb_bshd is gone")
     return fn
-
-
-@contextlib.contextmanager
-def torch_norms_built_by(build) -> Iterator[None]:
-    """While open, megatron's norm factory ``WrappedTorchNorm(config, hidden_size, eps, ...)`` (a class whose
-    ``__new__`` returns a torch norm) returns ``build(config, hidden_size, eps, megatron_norm)``, where
-    ``megatron_norm(config)`` builds megatron's own norm for that config and the same other arguments."""
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    orig = WrappedTorchNorm.__new__
-
-    def new(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
-        return build(config, hidden_size, eps, lambda cfg: orig(cls, cfg, hidden_size, eps, *args, **kwargs))
-
-    WrappedTorchNorm.__new__ = new
-    try:
-        yield
-    finally:
-        WrappedTorchNorm.__new__ = orig

@@ -1,5 +1,5 @@
 """Model construction: TransformerConfig details (no_rope_freq for MTP, the wgrad-fusion flag), the RoPE keyword
-of SelfAttention, DDP's main_grad contract and the GPT layer spec's attention slots.
+of SelfAttention, DDP's main_grad contract and the GPT layer / block / MTP specs' attention and norm slots.
 
 Part of the megatron-core seam (``tri_megatron.mcore_internals``: see its docstring for every seam).
 """
@@ -113,3 +113,38 @@ def set_attention_modules(layer_spec, self_attention=None, core_attention=None):
     if core_attention is not None:
         spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec
+
+
+def set_norm_modules(layer_spec, norm):
+    """Deep copy of megatron's GPT decoder layer spec with both norms (``spec.submodules.input_layernorm``,
+    ``.pre_mlp_layernorm``) built by ``norm`` (called as megatron calls norms: config, hidden_size, eps)."""
+    import copy
+
+    spec = copy.deepcopy(layer_spec)
+    spec.submodules.input_layernorm = norm
+    spec.submodules.pre_mlp_layernorm = norm
+    return spec
+
+
+def set_mtp_norm_modules(mtp_block_spec, norm):
+    """Deep copy of megatron's MTP block spec (``layer_specs`` of MTP layers) with each layer's three norms
+    (``submodules.enorm``, ``.hnorm``, ``.layer_norm``) built by ``norm``."""
+    import copy
+
+    spec = copy.deepcopy(mtp_block_spec)
+    for layer in spec.layer_specs:
+        layer.submodules.enorm = norm
+        layer.submodules.hnorm = norm
+        layer.submodules.layer_norm = norm
+    return spec
+
+
+def decoder_block_spec(config, layer_spec, final_norm, vp_stage=None):
+    """The decoder block spec megatron derives from a single layer spec (``TransformerBlock`` given a
+    layer ``ModuleSpec``: that layer on each of ``get_num_layers_to_build(config, vp_stage)`` layers),
+    with its final norm built by ``final_norm`` instead of megatron's module-level choice (TE's norm when
+    TE imports, else apex's or the torch norm)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=final_norm)

@@ -13,7 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import Float16Module
 
 from tri_megatron.model.fused_loss import FusedLossGPTModel
-from tri_megatron.model.specs import tri_layer_spec, tri_mtp_block_spec
+from tri_megatron.model.specs import tri_decoder_spec, tri_layer_spec, tri_mtp_block_spec
 from tri_megatron.ops._kernels import agree_on_kernels
 
 
@@ -37,7 +37,7 @@ def build_gpt_model(config, cfg, use_te: bool, pre_process: bool, post_process: 
     arch = cfg.arch
     return model_cls(
         config=config,
-        transformer_layer_spec=layer_spec,
+        transformer_layer_spec=tri_decoder_spec(config, layer_spec, use_te, vp_stage=vp_stage),
         vocab_size=arch.padded_vocab_size(cfg.parallel.tp),
         max_sequence_length=arch.context_length,
         pre_process=pre_process,

@@ -59,7 +59,7 @@ class Layout:
     dp: int = 1
     mbs: int = 1
     recompute: Optional[str] = None  # None | 'selective' | 'full' (uniform, 1 layer)
-    sequence_parallel: bool = True  # with TP > 1 (needs Transformer Engine's norms)
+    sequence_parallel: bool = True  # with TP > 1
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
