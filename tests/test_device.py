@@ -254,12 +254,18 @@ def test_gpu_job_without_cuda_exits_2_before_anything(tmp_path):
 CP_FLAGS = TINY + ["--no-rope-freq", "4", "--window-size", "16", "--window-attn-skip-freq", "4"]
 
 
-def test_context_parallel_matches_single_process(tmp_path):
+CP_LAYOUTS = {"cp2": (2, ["--context-parallel-size", "2"]),
+              "cp2_tp2_sp": (4, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                                 "--sequence-parallel"])}
+
+
+@pytest.mark.parametrize("layout", sorted(CP_LAYOUTS))
+def test_context_parallel_matches_single_process(tmp_path, layout):
     init = str(tmp_path / "init")
     train(1, [*CP_FLAGS, "--train-iters", "0", "--save", init, "--no-save-optim"], str(tmp_path / "i.jsonl"))
     ref = train(1, [*CP_FLAGS, "--train-iters", "3", "--load", init], str(tmp_path / "ref.jsonl"))
-    cp2 = train(2, [*CP_FLAGS, "--context-parallel-size", "2", "--train-iters", "3", "--load", init],
-                str(tmp_path / "cp2.jsonl"))
+    nproc, flags = CP_LAYOUTS[layout]
+    cp2 = train(nproc, [*CP_FLAGS, *flags, "--train-iters", "3", "--load", init], str(tmp_path / "cp2.jsonl"))
     assert len(cp2) == len(ref) == 3
     for r, g in zip(ref, cp2):
         assert abs(r["lm_loss"] - g["lm_loss"]) <= 1e-5, (r["iteration"], r["lm_loss"], g["lm_loss"])
