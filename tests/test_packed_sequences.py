@@ -254,12 +254,13 @@ def test_packed_sample_equals_its_documents_one_by_one(megatron_single_process, 
 
 # ----------------------------------------------------------------------------------- TP2 / PP2 --------
 # Two feature sets cover the paths (the plain model's is the RoPE layers of the second: megatron-core's
-# own thd RoPE); each under TP2 and PP2.
+# own thd RoPE); each under TP2 (with and without sequence parallelism) and PP2.
 DIST_FEATURES = {"ssmax_irope_window": ["--ssmax", "--no-rope-freq", "4", "--window-size", "6",
                                         "--window-attn-skip-freq", "4"],
                  "irope_window_temperature": MODEL_FEATURES["irope_window_temperature"]}
-DIST_CASES = [(n, layout) for n in DIST_FEATURES for layout in ("tp2", "pp2")]
+DIST_CASES = [(n, layout) for n in DIST_FEATURES for layout in ("tp2", "tp2_sp", "pp2")]
 DIST_LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"],
+                "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
                 "pp2": ["--pipeline-model-parallel-size", "2"]}
 
 
