@@ -265,12 +265,12 @@ def test_context_parallel_matches_single_process(tmp_path, layout):
     train(1, [*CP_FLAGS, "--train-iters", "0", "--save", init, "--no-save-optim"], str(tmp_path / "i.jsonl"))
     ref = train(1, [*CP_FLAGS, "--train-iters", "3", "--load", init], str(tmp_path / "ref.jsonl"))
     nproc, flags = CP_LAYOUTS[layout]
-    cp2 = train(nproc, [*CP_FLAGS, *flags, "--train-iters", "3", "--load", init], str(tmp_path / "cp2.jsonl"))
-    assert len(cp2) == len(ref) == 3
-    for r, g in zip(ref, cp2):
+    got = train(nproc, [*CP_FLAGS, *flags, "--train-iters", "3", "--load", init], str(tmp_path / f"{layout}.jsonl"))
+    assert len(got) == len(ref) == 3
+    for r, g in zip(ref, got):
         assert abs(r["lm_loss"] - g["lm_loss"]) <= 1e-5, (r["iteration"], r["lm_loss"], g["lm_loss"])
         assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4, abs=1e-6)
-    assert len({round(r["lm_loss"], 6) for r in cp2}) > 1
+    assert len({round(r["lm_loss"], 6) for r in got}) > 1
 
 
 # ----------------------------------------------------------------------------- item 8: windows

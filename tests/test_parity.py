@@ -28,9 +28,10 @@ LAYOUTS = {
     "dp2": (2, []),
     "dp2_distopt": (2, ["--use-distributed-optimizer"]),
     "tp2_pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
-    "tp2_sp_pp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size", "2"]),
-    "tp2_sp_dp2_distopt": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer",
-                               "--overlap-grad-reduce"]),
+    "tp2_sp_pp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                       "--pipeline-model-parallel-size", "2"]),
+    "tp2_sp_dp2_distopt": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                               "--use-distributed-optimizer", "--overlap-grad-reduce"]),
 }
 
 CASES = [

@@ -169,6 +169,7 @@ def test_sbatch_scripts_launch_valid_layouts(script, nodes, extra):
     par = cfg.parallel
     dp = 8 * nodes // (par.tp * par.pp * par.cp)
     assert par.dp == dp and par.tp <= 8  # TP stays inside a node
+    assert par.sequence_parallel  # all three scripts run TP with sequence parallelism
 
     words = _dry_run(script, nodes, LAUNCHER="torchrun", **extra)
     assert words[:4] == ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1"]
