@@ -153,7 +153,7 @@ def inflight_microbatches(layout: Layout, rank: int, num_microbatches: int) -> f
 
 
 # the fused loss's tiling on a GPU (tri_megatron/ops/ce_chunks.py: TILE_BYTES, MIN_GRAD_CHUNK_ROWS;
-# tests/test_layout_model.py pins the two copies together)
+# tests/test_bench_tools.py pins the two copies together)
 FUSED_LOSS_TILE_BYTES = 64 * 2**20
 FUSED_LOSS_MIN_CHUNK_ROWS = 2048
 
