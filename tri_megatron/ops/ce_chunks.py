@@ -82,24 +82,31 @@ def chunk_grad_inplace(kern, logits, labels, vocab_start, lse, p_coef, t_coef):
             blk.copy_(g)
 
 
-def chunk_loss_grad_ref(logits, labels, vocab_start, q, z_loss, lse, target):
+def chunk_loss_grad_ref(logits, labels, vocab_start, q, z_loss, lse, target) -> bool:
     """TP=1 reference, statistics and gradient in one go: lse and target logit of each row, and the
-    tile overwritten by ``(softmax * (1 + 2 z lse) - onehot) * q``. fp32 / fp64 tiles are worked in
-    place in three passes over memory (row-wise log-softmax, exp, row scale); 16-bit tiles in fp32
-    row blocks."""
+    tile overwritten by the loss gradient. Returns whether the row factor ``q`` is left out of the tile
+    (the caller then applies it to the GEMM operands: the hidden-gradient rows after GEMM 2 and the
+    hidden rows entering GEMM 3, ``[rows, h]`` each instead of a pass over the ``[rows, V]`` tile).
+
+    fp32 / fp64 tiles are worked in place, ``softmax * (1 + 2 z lse) - onehot`` (q left out): a row max,
+    the in-place softmax, and the row max of the softmax, which is ``exp(max - lse)`` (at least 1/V, so
+    ``lse = max - log(that)`` loses nothing), then the one-hot. 16-bit tiles: fp32 row blocks, the tile
+    written once as ``(softmax * (1 + 2 z lse) - onehot) * q`` (one rounding of the whole gradient)."""
     vocab = logits.shape[1]
-    for rb in _ref_row_blocks(logits, in_place=logits.dtype == lse.dtype):
+    in_place = logits.dtype == lse.dtype
+    for rb in _ref_row_blocks(logits, in_place=in_place):
         blk = logits[rb]
         t = labels[rb] - vocab_start
         col = t.clamp(0, vocab - 1)[:, None]
         picked = blk.gather(1, col)[:, 0].to(target.dtype)
         target[rb] = torch.where((t >= 0) & (t < vocab), picked, torch.zeros_like(picked))
-        if blk.dtype == lse.dtype:  # in place: log-softmax row by row, then lse = logit - log-softmax
-            e = torch.log_softmax(blk, dim=-1, out=blk)
-            lse_b = picked - e.gather(1, col)[:, 0]
-            e.exp_()
-            p = q[rb] * (1.0 + 2.0 * z_loss * lse_b) if z_loss else q[rb]
-            e.mul_(p[:, None])
+        if in_place:
+            m = blk.amax(dim=-1)
+            e = torch.softmax(blk, dim=-1, out=blk)
+            lse_b = m - torch.log(e.amax(dim=-1))
+            if z_loss:
+                e.mul_((1.0 + 2.0 * z_loss * lse_b)[:, None])
+            sub = torch.ones_like(lse_b)
         else:
             e = blk.to(lse.dtype)
             m = e.amax(dim=-1)
@@ -108,11 +115,13 @@ def chunk_loss_grad_ref(logits, labels, vocab_start, q, z_loss, lse, target):
             lse_b = torch.log(s) + m
             p = q[rb] * (1.0 + 2.0 * z_loss * lse_b) if z_loss else q[rb]
             e.mul_((p / s)[:, None])
+            sub = q[rb]
         lse[rb] = lse_b
         rows = torch.nonzero(q[rb] != 0, as_tuple=True)[0]
-        e[rows, t[rows]] -= q[rb][rows].to(e.dtype)
+        e[rows, t[rows]] -= sub[rows].to(e.dtype)
         if e is not blk:
             blk.copy_(e)
+    return in_place
 
 
 def global_lse(kern, world, tp_group, logits, labels, vocab_start, sdt):

@@ -38,7 +38,9 @@ token rows of one head, against the whole vocab shard,
    sum-exp + target: two small collectives per chunk), so the normaliser is the global one;
 3. the tile is overwritten in place by ``(softmax * (1 + 2 z lse) - onehot) * q`` (CUDA kernel), with
    ``q = scale * loss_mask * upstream_weight`` on valid tokens and 0 elsewhere (the gradient for the
-   expected upstream, rounded once);
+   expected upstream, rounded once). The CPU reference at TP=1 on fp32 / fp64 tiles does steps 2-3 as
+   a row max, an in-place softmax and the softmax's row max (which gives lse), and leaves the row
+   factor ``q`` to the GEMM operands below (``[rows, h]`` each, not a pass over the tile);
 4. GEMM 2: ``grad_x_c = tile @ W`` (stored, the size of the hidden states);
    GEMM 3: ``G += tile^T @ x_c`` (into ``main_grad`` under megatron DDP, else one ``[V/tp, h]``
    accumulator, fp32 for bf16 / fp16 weights).
@@ -76,7 +78,8 @@ Under megatron DDP the weight-shaped placeholder gradient megatron's contract ma
 view of ``main_grad``'s memory (DDP's hook skips it unread and drops it; see
 ``mcore_internals.wgrad_placeholder``), so it costs nothing. The op saves ``hidden`` and ``weight``, as
 megatron's output layer does. During the forward it holds one logits tile (``ce_chunks.TILE_BYTES``, at least
-2,048 rows on a GPU) and, for 16-bit weights without ``main_grad``, an fp32 G accumulator.
+2,048 rows on a GPU), for 16-bit weights without ``main_grad`` an fp32 G accumulator, and on the CPU
+reference path one chunk's hidden rows scaled by ``q`` (``[rows, h]``).
 
 Tensor parallelism: ``tp_group`` is the tensor-parallel process group (None or size 1: no
 communication). ``hidden`` must be the full sequence replicated on the TP ranks (as megatron's output
@@ -214,9 +217,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 c1 = min(c0 + chunk, x.shape[0])
                 logits = torch.mm(x[c0:c1], weight.t(), out=chunks.tile(buf, c1 - c0, vocab))  # GEMM 1
                 rows = slice(off + c0, off + c1)
+                row_q = None  # the tiles' row factor q, when the GEMM operands carry it instead
                 if grads and kern is None and heads.world == 1:  # reference: stats + gradient in one pass
-                    chunks.chunk_loss_grad_ref(logits, lab[c0:c1], vocab_start, q[c0:c1], heads.z_loss,
-                                               lse_all[rows], target_all[rows])
+                    if chunks.chunk_loss_grad_ref(logits, lab[c0:c1], vocab_start, q[c0:c1], heads.z_loss,
+                                                  lse_all[rows], target_all[rows]):
+                        row_q = q[c0:c1, None]
                 else:
                     lse, target = chunks.global_lse(kern, heads.world, heads.tp_group, logits, lab[c0:c1],
                                                     vocab_start, sdt)
@@ -229,12 +234,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     chunks.chunk_grad_inplace(kern, logits, lab[c0:c1], vocab_start, lse.contiguous(), p, qc)
                 if need_x[k]:
                     torch.mm(logits, weight, out=gx[k][c0:c1])  # GEMM 2
+                    if row_q is not None:
+                        gx[k][c0:c1].mul_(row_q)
                 if need_w:
+                    xc = x[c0:c1] if row_q is None else x[c0:c1] * row_q
                     if fresh:  # the first chunk writes the accumulator (no zero-fill, no read)
-                        torch.mm(logits.t(), x[c0:c1], out=acc)
+                        torch.mm(logits.t(), xc, out=acc)
                         fresh = False
                     else:  # into main_grad: times the factor expected from the upstream
-                        chunks.accumulate_mm(acc, logits.t(), x[c0:c1], c_guess if into_main else 1.0)  # GEMM 3
+                        chunks.accumulate_mm(acc, logits.t(), xc, c_guess if into_main else 1.0)  # GEMM 3
             off += x.shape[0]
         del buf, logits
         loss = lse_all - target_all
