@@ -47,6 +47,23 @@ def test_groups_not_divisible_by_tp_message():
         load_run_config(argv, world_size=2, rank=0)
 
 
+@pytest.mark.parametrize("extra, match", [
+    (["--no-rope-freq", "2", "--mtp-num-layers", "2"], "--mtp-num-layers 2 with --no-rope-freq 2"),
+    (["--num-layers", "3", "--window-size", "16", "--window-attn-skip-freq", "2", "--mtp-num-layers", "1"],
+     "--mtp-num-layers 1 with --window-attn-skip-freq 2 and --num-layers 3"),
+])
+def test_mtp_layer_pattern_that_depends_on_the_megatron_release(extra, match):
+    """MTP layers are numbered L+d up to megatron-core 0.18 and d from 0.19: patterns where that changes
+    NoPE or windows are refused; the same settings with numberings that agree are accepted."""
+    from tri_megatron.config import ArgumentError, load_run_config
+
+    with pytest.raises(ArgumentError, match=match):
+        load_run_config([*TINY, *extra], world_size=1, rank=0)
+    load_run_config([*TINY, "--no-rope-freq", "2", "--mtp-num-layers", "1"], world_size=1, rank=0)
+    load_run_config([*TINY, "--num-layers", "4", "--window-size", "16", "--window-attn-skip-freq", "2",
+                     "--mtp-num-layers", "2"], world_size=1, rank=0)
+
+
 def test_load_without_checkpoint(tmp_path):
     _fails([*TINY, "--train-iters", "1", "--load", str(tmp_path / "nothing")], match="--load")
 

@@ -76,3 +76,23 @@ def validate_arch(arch: ModelArch) -> None:
         raise ArgumentError(f"--num-layers {arch.num_layers} is not divisible by --no-rope-freq {arch.no_rope_freq}")
     if arch.mtp_num_layers < 0:
         raise ArgumentError(f"--mtp-num-layers {arch.mtp_num_layers}: must be >= 0")
+    _refuse_release_dependent_mtp_layers(arch)
+
+
+def _refuse_release_dependent_mtp_layers(arch: ModelArch) -> None:
+    """megatron-core numbers the MTP block's layers L+1..L+D up to 0.18 and 1..D from 0.19 on
+    (``mcore_internals.mtp_transformer_layer_number``), and that number decides NoPE and sliding windows.
+    Refuse the patterns where the two numberings disagree: the model would change with the release, and
+    differ from the Hugging Face export (MTP layers with RoPE, windows by L+d)."""
+    L, D = arch.num_layers, arch.mtp_num_layers
+    if not D:
+        return
+    if arch.no_rope_freq and D >= arch.no_rope_freq:
+        raise ArgumentError(f"--mtp-num-layers {D} with --no-rope-freq {arch.no_rope_freq}: megatron-core 0.19 would "
+                            f"make MTP layer {arch.no_rope_freq} a NoPE layer, earlier releases would not; use "
+                            f"--mtp-num-layers {arch.no_rope_freq - 1} or less")
+    skip = arch.window_attn_skip_freq
+    if arch.window_size and skip and any((d % skip == 0) != ((L + d) % skip == 0) for d in range(1, D + 1)):
+        raise ArgumentError(f"--mtp-num-layers {D} with --window-attn-skip-freq {skip} and --num-layers {L}: the MTP "
+                            f"layers' sliding windows would differ between megatron-core releases; use a "
+                            f"--num-layers divisible by {skip}")
