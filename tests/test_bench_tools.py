@@ -107,8 +107,8 @@ def test_bench_mfu_run_mode_pipeline_two_processes(tmp_path):
 
 
 @pytest.mark.parametrize("stage,layout", [
-    ("last", ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--mtp-num-layers", "1",
-              "--proxy-optimizer", "megatron"]),
+    ("last", ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size", "2",
+              "--mtp-num-layers", "1", "--proxy-optimizer", "megatron"]),
     ("middle", ["--pipeline-model-parallel-size", "4", "--recompute-granularity", "selective",
                 "--use-distributed-optimizer"]),
 ])
@@ -122,6 +122,7 @@ def test_bench_mfu_proxy_mode(tmp_path, stage, layout):
     assert res["mode"] == "proxy" and "proxy" in stdout
     p, lay = res["proxy"], res["layout"]
     tp, pp = lay["tp"], lay["pp"]
+    assert lay["sequence_parallel"] == ("--sequence-parallel" in layout)  # the target layout's, as requested
     assert lay["gpus"] == 8 and lay["dp"] == 8 // (tp * pp) and lay["num_microbatches"] == 8 // lay["dp"]
     assert p["run_microbatches"] == p["layout_microbatches"] == lay["num_microbatches"]
     assert p["pre_process"] == (stage == "first") and p["post_process"] == (stage == "last")

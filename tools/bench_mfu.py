@@ -492,16 +492,13 @@ def _calibration(cfg, res, hw_flops_per_gpu_iter, step, breakdown, source="run")
 
 # --------------------------------------------------------------------------------- proxy mode --
 def run_proxy(args) -> dict:
-    from tri_megatron.runtime import use_transformer_engine
     from tri_megatron.perf import layout_model
     from tri_megatron.perf.proxy import ProxyRunner, make_spec, proxy_config, shard_flops_per_token
     from tri_megatron.training.distributed import destroy_distributed, init_distributed, launch_env
 
     if launch_env()["world_size"] != 1:
         _fail("--proxy-gpus runs the one-GPU shard in a single process; launch without torchrun")
-    sp_requested = bool(args.sequence_parallel)
-    if sp_requested and not use_transformer_engine(args.transformer_impl):
-        args.sequence_parallel = False  # only changes communication and norm work, neither run by the proxy
+    sp_requested = bool(args.sequence_parallel)  # the one-process proxy runs without parallelism
     cfg = run_config(args, args.proxy_gpus)
     tr = cfg.training
     try:
