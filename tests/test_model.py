@@ -180,7 +180,7 @@ def test_model_on_emulated_kernels_matches_reference_path(megatron_single_proces
     from tri_megatron.config import load_run_config
     from tri_megatron.model.builder import build_model_chunks
     from tri_megatron.model.config import transformer_config
-    from tri_megatron.ops import fused_cross_entropy, rope_ssmax
+    from tri_megatron.ops import ce_heads, rope_ssmax
 
     args = load_run_config(["--mock-data", "--seq-length", "32", "--mtp-num-layers", "1", "--fused-loss",
                        *features], world_size=1, rank=0)
@@ -194,7 +194,7 @@ def test_model_on_emulated_kernels_matches_reference_path(megatron_single_proces
     pos = torch.arange(32).expand(2, -1)
 
     def run(kern):
-        for mod in (fused_cross_entropy, rope_ssmax):
+        for mod in (ce_heads, rope_ssmax):
             monkeypatch.setattr(mod, "use_kernels_for", lambda *t: kern)
         model.zero_grad()
         loss = model(tokens, pos, None, labels=labels).mean()

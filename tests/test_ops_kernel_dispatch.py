@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kernel_emulator import EmulatedKernels
-from tri_megatron.ops import ce_chunks
+from tri_megatron.ops import ce_chunks, ce_heads
 from tri_megatron.ops import fused_cross_entropy as fce
 from tri_megatron.ops import rope_ssmax as rs
 
@@ -143,7 +143,7 @@ def fake(request, monkeypatch):
     real csrc/kernels source, compiled for the CPU emulator in tests/cuda_emu)."""
     kern = FakeKernels() if request.param == "fake" else EmulatedKernels()
     monkeypatch.setattr(rs, "use_kernels_for", lambda *t: kern)
-    monkeypatch.setattr(fce, "use_kernels_for", lambda *t: kern)
+    monkeypatch.setattr(ce_heads, "use_kernels_for", lambda *t: kern)
     return kern
 
 

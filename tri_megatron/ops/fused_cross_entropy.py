@@ -99,21 +99,18 @@ Label smoothing is not supported.
 
 from __future__ import annotations
 
-import weakref
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
-from tri_megatron.mcore_internals import main_grad as ddp_main_grad, wgrad_placeholder
+from tri_megatron.mcore_internals import wgrad_placeholder
+from tri_megatron.ops import ce_backward as back
 from tri_megatron.ops import ce_chunks as chunks
-from tri_megatron.ops._kernels import use_kernels_for
+from tri_megatron.ops.ce_heads import Heads, Number, acc_dtype, kernel_for, prepare, stat_dtype
 from tri_megatron.ops.ce_chunks import default_chunk_size  # noqa: F401  (re-exported)
 
 __all__ = ["fused_linear_cross_entropy", "fused_mtp_cross_entropy", "reference_mtp_cross_entropy",
            "default_chunk_size", "backward_path_counts"]
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # How many backward calls took each path. "stored": the forward's gradients rescaled (or, into
 # main_grad, already right); "corrected": main_grad got the forward's gradient with a guessed factor,
@@ -121,66 +118,21 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # one, weight gradient recomputed. Diagnostics.
 backward_path_counts = {"stored": 0, "corrected": 0, "recomputed": 0}
 
-Number = Union[float, torch.Tensor]
-
-
-def _tp_info(tp_group) -> tuple[int, int]:
-    if tp_group is None or not dist.is_available() or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
-
 
 # ------------------------------------------------------------------------ autograd function ----------
-class _Heads:
-    """Non-differentiable per-call state: flattened labels / masks per head, TP info, settings.
-
-    ``valid[k]``: 1 on tokens with a loss (label not ignored, mask != 0); ``upstream[k]``: the loss-mask
-    value there (0 elsewhere), the per-token shape of the expected upstream gradient; ``weights[k]``:
-    the per-head factor of the expected upstream (float or 0-dim tensor); ``expect[k]``: their product,
-    the upstream gradient of head k's per-token loss the forward computes the gradients for (the real
-    one is expected to be c times it)."""
-
-    def __init__(self, labels, valid, upstream, scales, weights, rank, world, tp_group, chunk_size,
-                 z_loss, use_kernels, main_grad, need_grads):
-        self.labels, self.valid, self.upstream = labels, valid, upstream
-        self.scales, self.weights = scales, weights
-        self.rank, self.world, self.tp_group = rank, world, tp_group
-        self.chunk_size, self.z_loss = chunk_size, z_loss
-        self.use_kernels, self.main_grad, self.need_grads = use_kernels, main_grad, need_grads
-        self.expect = [u * w for u, w in zip(upstream, weights)]
-
-    def coef(self, k: int, upstream: torch.Tensor) -> torch.Tensor:
-        """Per-token factor of head k's tile (softmax - onehot) for a given upstream of its loss."""
-        return (upstream * self.valid[k] * self.scales[k]).contiguous()
-
-
-def _kernel(heads: _Heads, weight: torch.Tensor):
-    if not heads.use_kernels or weight.dtype not in _KERNEL_DTYPES:
-        return None
-    return use_kernels_for(weight)
-
-
-def _stat_dtype(weight: torch.Tensor) -> torch.dtype:
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Forward: token chunks x full vocab shard -> loss rows and (training) the gradients, three GEMMs
     per chunk. Backward: rescale the stored gradients (or correct / recompute the weight gradient)."""
 
     @staticmethod
-    def forward(ctx, heads: _Heads, weight: torch.Tensor, *hiddens: torch.Tensor):
+    def forward(ctx, heads: Heads, weight: torch.Tensor, *hiddens: torch.Tensor):
         # One pass over token chunks computing loss and both gradients (the three-GEMM schedule); kept
         # in one function because the chunk loop shares its accumulators and TP statistics across steps.
         ctx.set_materialize_grads(False)  # a head whose loss is unused sends None
         vocab, h = weight.shape
         vocab_start = heads.rank * vocab
-        kern = _kernel(heads, weight)
-        sdt = _stat_dtype(weight)
+        kern = kernel_for(heads, weight)
+        sdt = stat_dtype(weight)
         dev = weight.device
         xs = [x.reshape(-1, h) for x in hiddens]
         sizes = [x.shape[0] for x in xs]
@@ -197,13 +149,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # expected common factor (the last one seen; corrected in backward if the real one differs), so no
         # weight-sized gradient is held from forward to backward. Not inside a backward pass: a forward
         # run there is an activation recompute, which (non-reentrant) is never backwarded itself.
-        into_main = need_w and heads.main_grad is not None and not _in_backward()
-        c_guess = _scale_guess(weight) if into_main else None
+        into_main = need_w and heads.main_grad is not None and not back.in_backward()
+        c_guess = back.scale_guess(weight) if into_main else None
         acc = None
         if into_main:
             acc = heads.main_grad
         elif need_w:
-            acc = torch.empty(vocab, h, dtype=_acc_dtype(weight.dtype), device=dev)
+            acc = torch.empty(vocab, h, dtype=acc_dtype(weight.dtype), device=dev)
         fresh = need_w and not into_main and acc.dtype == weight.dtype  # else: zero-filled / main_grad
         if need_w and not into_main and not fresh:
             acc.zero_()
@@ -283,7 +235,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need_w = ctx.needs_input_grad[1] and any(u is not None for u in ups)
         main_grad = heads.main_grad
 
-        c, same, lost = _verdict(heads, ups, in_main)  # one host sync
+        c, same, lost = back.verdict(heads, ups, in_main)  # one host sync
         grads_h: List[Optional[torch.Tensor]] = [None] * n_heads
         if gx is not None:
             for k in range(n_heads):
@@ -299,7 +251,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         produced_w = need_w  # a weight gradient exists (in main_grad, or returned)
         if in_main is not None:  # main_grad holds c' * G: add what the real upstream adds
             if c is not None:
-                _remember_scale(weight, c)
+                back.remember_scale(weight, c)
             if same:
                 backward_path_counts["stored"] += 1
             else:  # add the difference: (c - c') G for megatron's upstream (the forward's tiles again, so
@@ -307,15 +259,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 backward_path_counts["corrected"] += 1
                 no_x = [False] * n_heads
                 if c is not None:
-                    _recompute(heads, weight, hiddens, heads.expect, ctx.lse, sizes, no_x, True, alpha=c - in_main)
+                    back.recompute(heads, weight, hiddens, heads.expect, ctx.lse, sizes, no_x, True, alpha=c - in_main)
                 else:
                     residual = [(u if u is not None else 0.0) - in_main * e for u, e in zip(ups, heads.expect)]
-                    _recompute(heads, weight, hiddens, residual, ctx.lse, sizes, no_x, True)
+                    back.recompute(heads, weight, hiddens, residual, ctx.lse, sizes, no_x, True)
             need_w, produced_w = False, True
             dummy_storage = main_grad  # the placeholder may alias it: DDP's hook does not read it
         elif grad_w_stored is not None and need_w and c is not None:
             backward_path_counts["stored"] += 1
-            _remember_scale(weight, c)
+            back.remember_scale(weight, c)
             need_w = False
             if main_grad is None:
                 grad_w = grad_w_stored.mul_(c)
@@ -325,7 +277,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         del grad_w_stored  # before anything weight-sized is allocated
         if need_w or any(need_x):
             backward_path_counts["recomputed"] += 1
-            grad_x_re, grad_w_re = _recompute(heads, weight, hiddens, ups, ctx.lse, sizes, need_x, need_w)
+            grad_x_re, grad_w_re = back.recompute(heads, weight, hiddens, ups, ctx.lse, sizes, need_x, need_w)
             for k in range(n_heads):
                 if grad_x_re[k] is not None:
                     grads_h[k] = grad_x_re[k].view(hiddens[k].shape)
@@ -336,137 +288,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return (None, grad_w, *grads_h)
 
 
-def _in_backward() -> bool:
-    """Whether this runs inside an autograd backward pass (e.g. an activation-recompute forward)."""
-    return torch._C._current_graph_task_id() != -1
-
-
-# The common upstream factor last seen per weight (loss scale / micro-batches: constant over a run but
-# for rampups and dynamic loss scaling), the guess the next forward accumulates into main_grad with.
-# Keyed by id with a weak reference (tensors cannot be dict keys by value).
-_SCALES: dict = {}
-
-
-def _scale_guess(weight: torch.Tensor) -> float:
-    ref, c = _SCALES.get(id(weight), (None, None))
-    return c if ref is not None and ref() is weight else 1.0
-
-
-def _remember_scale(weight: torch.Tensor, c: float) -> None:
-    key = id(weight)
-    _SCALES[key] = (weakref.ref(weight, lambda _ref: _SCALES.pop(key, None)), float(c))
-
-
-def _verdict(heads: _Heads, ups, guess: Optional[float] = None):
-    """One host sync on the upstream gradients ``ups`` (per head, None: unused). Returns (c, same, lost):
-    c (float) with ``ups[k][t] == c * expect[k][t]`` on every valid token to 8 ulp, else None; ``same``:
-    c equals ``guess`` to 8 ulp; ``lost[k]``: head k gets an upstream on a valid token where its expected
-    one is 0 (its stored hidden gradient cannot be rescaled to it)."""
-    got = [g if g is not None else torch.zeros_like(e) for g, e in zip(ups, heads.expect)]
-    on = torch.cat(heads.valid) != 0
-    e, g = torch.cat(heads.expect), torch.cat(got)
-    e, g = torch.where(on, e, torch.zeros_like(e)), torch.where(on, g, torch.zeros_like(g))
-    c = (g * e).sum() / (e * e).sum().clamp_min(torch.finfo(e.dtype).tiny)
-    tol = 8 * torch.finfo(g.dtype).eps
-    ok = torch.isfinite(c) & ((g - c * e).abs() <= tol * (c * e).abs()).all()
-    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-    same = ok & ((c - (guess or 0.0)).abs() <= tol * c.abs())
-    lost = [((ek == 0) & (vk != 0) & (gk != 0)).any() for ek, vk, gk in zip(heads.expect, heads.valid, got)]
-    flags = torch.stack([ok.to(c.dtype), same.to(c.dtype), c, *[x.to(c.dtype) for x in lost]]).tolist()
-    ok, same, c_value = bool(flags[0]), bool(flags[1]), flags[2]
-    return (c_value if ok else None), bool(same and guess is not None), [bool(x) for x in flags[3:]]
-
-
-def _recompute(heads, weight, hiddens, ups, lse_all, sizes, need_x, need_w, alpha: float = 1.0):
-    """Exact gradients for any upstream (the unfused backward, chunked): per chunk, logits GEMM,
-    softmax - onehot scaled by the upstream, hidden-grad GEMM and / or weight-grad GEMM (into
-    ``main_grad`` when set; the weight gradient times ``alpha``). Returns
-    (hidden grads per head or None, weight grad or None)."""
-    vocab, h = weight.shape
-    vocab_start = heads.rank * vocab
-    kern = _kernel(heads, weight)
-    main_grad = heads.main_grad
-    acc = None
-    if need_w:
-        acc = main_grad if main_grad is not None else torch.zeros(
-            vocab, h, dtype=_acc_dtype(weight.dtype), device=weight.device)
-    chunk = max(1, min(heads.chunk_size or chunks.default_chunk_size(vocab, weight.dtype, max(sizes), True,
-                                                                     weight.device), max(sizes)))
-    buf = torch.empty(chunk * vocab, dtype=weight.dtype, device=weight.device)
-    gx: List[Optional[torch.Tensor]] = [None] * len(hiddens)
-    off = 0
-    for k, hid in enumerate(hiddens):
-        x = hid.reshape(-1, h)
-        n = sizes[k]
-        if ups[k] is not None and (need_w or need_x[k]):
-            gx[k] = torch.empty_like(x) if need_x[k] else None
-            t_coef = heads.coef(k, ups[k])
-            lse = lse_all[off:off + n]
-            p_coef = (t_coef * (1.0 + 2.0 * heads.z_loss * lse)).contiguous() if heads.z_loss else t_coef
-            for c0 in range(0, n, chunk):
-                c1 = min(c0 + chunk, n)
-                g = torch.mm(x[c0:c1], weight.t(), out=chunks.tile(buf, c1 - c0, vocab))
-                chunks.chunk_grad_inplace(kern, g, heads.labels[k][c0:c1], vocab_start, lse[c0:c1].contiguous(),
-                                          p_coef[c0:c1], t_coef[c0:c1])
-                if need_x[k]:
-                    torch.mm(g, weight, out=gx[k][c0:c1])
-                if need_w:
-                    chunks.accumulate_mm(acc, g.t(), x[c0:c1], alpha)
-        off += n
-    del buf
-    if acc is None or main_grad is not None:
-        return gx, None
-    return gx, (acc if acc.dtype == weight.dtype else acc.to(weight.dtype))
-
-
 # ------------------------------------------------------------------------ public API -----------------
-def _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, chunk_size, z_loss_weight,
-             scales, upstream_weights, accumulate_into_main_grad, use_kernels) -> _Heads:
-    if len(hiddens) != len(labels_list):
-        raise ValueError(f"{len(hiddens)} hidden states but {len(labels_list)} label tensors")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be [vocab/tp, hidden], got {tuple(weight.shape)}")
-    n = len(hiddens)
-    loss_masks = list(loss_masks) if loss_masks is not None else [None] * n
-    scales = list(scales) if scales is not None else [1.0] * n
-    upstream_weights = list(upstream_weights) if upstream_weights is not None else [1.0] * n
-    if len(loss_masks) != n or len(scales) != n or len(upstream_weights) != n:
-        raise ValueError("loss_masks, scales and upstream_weights need one entry per head")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    main_grad = None
-    if accumulate_into_main_grad:
-        main_grad = ddp_main_grad(weight)
-        if main_grad is None or tuple(main_grad.shape) != tuple(weight.shape):
-            raise ValueError("accumulate_into_main_grad needs weight.main_grad shaped like weight")
-    rank, world = _tp_info(tp_group)
-    sdt = _stat_dtype(weight)
-    labels, valid, upstream, weights = [], [], [], []
-    for x, lab, mask, w in zip(hiddens, labels_list, loss_masks, upstream_weights):
-        if x.dim() != 3 or x.shape[-1] != weight.shape[1]:
-            raise ValueError(f"hidden must be [s, b, {weight.shape[1]}], got {tuple(x.shape)}")
-        if x.dtype != weight.dtype:
-            raise ValueError(f"hidden dtype {x.dtype} differs from weight dtype {weight.dtype}")
-        if tuple(lab.shape) != (x.shape[1], x.shape[0]):
-            raise ValueError(f"labels must be [b, s] = {(x.shape[1], x.shape[0])}, got {tuple(lab.shape)}")
-        lab_sb = lab.t().reshape(-1).to(device=weight.device, dtype=torch.long).contiguous()
-        ok = lab_sb != ignore_index
-        up = ok.to(sdt)
-        if mask is not None:
-            if tuple(mask.shape) != tuple(lab.shape):
-                raise ValueError(f"loss_mask must be [b, s] like labels, got {tuple(mask.shape)}")
-            m = mask.t().reshape(-1).to(device=weight.device, dtype=sdt)
-            ok = ok & (m != 0)
-            up = torch.where(ok, m, torch.zeros_like(m))
-        labels.append(lab_sb)
-        valid.append(ok.to(sdt))
-        upstream.append(up.contiguous())
-        weights.append(w.to(device=weight.device, dtype=sdt) if isinstance(w, torch.Tensor) else float(w))
-    need_grads = torch.is_grad_enabled() and (weight.requires_grad or any(x.requires_grad for x in hiddens))
-    return _Heads(labels, valid, upstream, [float(s) for s in scales], weights, rank, world, tp_group,
-                  chunk_size, float(z_loss_weight), use_kernels, main_grad, need_grads)
-
-
 def fused_mtp_cross_entropy(
     hiddens: Sequence[torch.Tensor],
     weight: torch.Tensor,
@@ -490,7 +312,7 @@ def fused_mtp_cross_entropy(
     Any other upstream is still exact, at the cost of recomputing the weight gradient."""
     if len(hiddens) == 0:
         return []
-    heads = _prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, chunk_size,
+    heads = prepare(hiddens, weight, labels_list, loss_masks, ignore_index, tp_group, chunk_size,
                      z_loss_weight, scales, upstream_weights, accumulate_into_main_grad, _use_kernels)
     return list(_FusedLinearCrossEntropy.apply(heads, weight, *hiddens))
 
