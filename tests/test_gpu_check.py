@@ -23,8 +23,8 @@ def test_cpu_run_reports_skipped_gpu_stages_and_trains(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(report_path.read_text())
     stages = {s["name"]: s for s in report["stages"]}
-    assert list(stages) == ["kernels", "tests", "train", "bench", "mfu"]
-    for name in ("kernels", "tests", "bench", "mfu"):
+    assert list(stages) == ["kernels", "tests", "train", "bench", "mfu", "mtp"]
+    for name in ("kernels", "tests", "bench", "mfu", "mtp"):
         assert stages[name]["status"] == "skipped" and "no CUDA device" in stages[name]["summary"]
     train = stages["train"]
     assert train["status"] == "ok", train
@@ -53,7 +53,7 @@ def test_failing_and_timed_out_stages_do_not_stop_the_rest(tmp_path, monkeypatch
     monkeypatch.setitem(gc.STAGE_FUNCS, "kernels", broken)
     report = gc.main(["--out", str(tmp_path), "--features", "ssmax,distopt", "--timeout", "train=3"])
     stages = {s["name"]: s for s in report["stages"]}
-    assert list(stages) == ["kernels", "tests", "train", "bench", "mfu"]  # all reached
+    assert list(stages) == ["kernels", "tests", "train", "bench", "mfu", "mtp"]  # all reached
     assert stages["kernels"]["status"] == "failed" and "kernel probe broke" in stages["kernels"]["summary"]
     train = stages["train"]
     assert train["status"] == "failed" and train["seconds"] < 30  # killed at its 3 s timeout, not run to the end
@@ -87,7 +87,7 @@ def test_gpu_stages_read_what_their_tools_write(tmp_path, monkeypatch):
                                          "2", "--micro-batch-size", "1", "--global-batch-size", "8", "--warmup", "1",
                                          "--iters", "1", "--breakdown-iters", "0", "--peak-tflops", "1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    report = gc.main(["--out", str(tmp_path), "--stages", "kernels,tests,bench,mfu"])
+    report = gc.main(["--out", str(tmp_path), "--stages", "kernels,tests,bench,mfu,mtp"])
     stages = {s["name"]: s for s in report["stages"]}
     kernels = stages["kernels"]
     assert kernels["status"] == "failed" and "kernels not loaded" in kernels["summary"], kernels
@@ -102,3 +102,7 @@ def test_gpu_stages_read_what_their_tools_write(tmp_path, monkeypatch):
     mfu = stages["mfu"]
     assert mfu["status"] == "ok", mfu
     assert 0 < mfu["results"]["mfu"] and mfu["results"]["step_time_s"] > 0 and mfu["results"]["peak_memory_gib"] > 0
+    mtp = stages["mtp"]  # the same proxy with one MTP layer, against the mfu stage's step
+    assert mtp["status"] == "ok", mtp
+    assert mtp["results"]["step_time_s_no_mtp"] == mfu["results"]["step_time_s"]
+    assert mtp["results"]["mtp_share"] == pytest.approx(1 - mfu["results"]["step_time_s"] / mtp["results"]["step_time_s"])

@@ -17,6 +17,7 @@ the ones after it:
            unfused, time and memory at Tri-21B shapes (tools/bench_kernels.py)
   mfu      the tri-21b per-GPU proxy of a 512-GPU TP4 layout: MFU, step time, memory
            (tools/bench_mfu.py --proxy-gpus, as in BENCHMARKS.md)
+  mtp      the same proxy with one MTP layer: the MTP share of the step, 1 - step(mfu) / step(MTP)
 
 Writes one JSON (every stage: status ok / failed / timeout / skipped, seconds, reason, results,
 the tail of its log; full logs beside it) and prints a short table. Exit code 0 when no stage
@@ -64,8 +65,8 @@ if ROOT not in sys.path:
 
 from tri_megatron.local_dist import free_port  # noqa: E402 (standard library only, as this script needs)
 
-STAGES = ("kernels", "tests", "train", "bench", "mfu")
-TIMEOUTS = {"kernels": 150, "tests": 90, "train": 120, "bench": 150, "mfu": 150}  # seconds, each a cap
+STAGES = ("kernels", "tests", "train", "bench", "mfu", "mtp")
+TIMEOUTS = {"kernels": 150, "tests": 90, "train": 120, "bench": 150, "mfu": 150, "mtp": 150}  # seconds, each a cap
 FEATURES = {
     "mtp_fused": ["--mtp-num-layers", "1", "--fused-loss"],
     "ssmax": ["--ssmax"],
@@ -90,6 +91,7 @@ class Ctx:
         self.args, self.facts = args, facts
         self.out = args.out
         self.deadline = 0.0  # set per stage
+        self.mfu_step_s: Optional[float] = None  # the mfu stage's step time (the mtp stage's baseline)
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -354,17 +356,39 @@ def stage_mfu(ctx: Ctx) -> dict:
     res = {k: r.get(k) for k in ("mfu", "hfu", "step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu",
                                  "peak_memory_gib")}
     res["layout_mfu_estimate"] = est.get("mfu")
+    ctx.mfu_step_s = res["step_time_s"]
     res["peak_tflops"] = data.get("peak_tflops")
     mfu = f"{res['mfu']:.1%}" if isinstance(res["mfu"], float) else "n/a (unknown peak)"
     return ok(f"tri-21b TP4 proxy: MFU {mfu}, step {res['step_time_s']:.2f} s, "
               f"{res['tokens_per_s_per_gpu']:.0f} tok/s/GPU, peak {res['peak_memory_gib']:.1f} GiB", results=res)
 
 
+def stage_mtp(ctx: Ctx) -> dict:
+    if not ctx.gpu:
+        return skipped("no CUDA device: the MTP share is a share of the per-GPU proxy's step on a GPU")
+    out = os.path.join(ctx.out, "bench_mfu_tri21b_mtp1.json")
+    rc, log = run(ctx, [sys.executable, os.path.join(ROOT, "tools", "bench_mfu.py"), *MFU_ARGS,
+                        "--mtp-num-layers", "1", "--json", out], "mtp")
+    if rc != 0 or not os.path.exists(out):
+        return failed(f"bench_mfu.py --mtp-num-layers 1 exited {rc}", log=tail(log))
+    with open(out) as f:
+        r = json.load(f).get("results", {})
+    res = {"step_time_s": r.get("step_time_s"), "step_time_s_no_mtp": ctx.mfu_step_s,
+           "peak_memory_gib": r.get("peak_memory_gib"), "mtp_share": None}
+    if not ctx.mfu_step_s:
+        return failed(f"step {res['step_time_s']:.2f} s with one MTP layer, but no step without it: the share "
+                      "needs the mfu stage (run --stages mfu,mtp)", results=res)
+    res["mtp_share"] = 1.0 - ctx.mfu_step_s / res["step_time_s"]
+    return ok(f"tri-21b TP4 proxy, one MTP layer: step {res['step_time_s']:.2f} s against {ctx.mfu_step_s:.2f} s, "
+              f"MTP share {res['mtp_share']:.1%}", results=res)
+
+
 STAGE_FUNCS: dict[str, Callable[[Ctx], dict]] = {
-    "kernels": stage_kernels, "tests": stage_tests, "train": stage_train, "bench": stage_bench, "mfu": stage_mfu}
+    "kernels": stage_kernels, "tests": stage_tests, "train": stage_train, "bench": stage_bench, "mfu": stage_mfu,
+    "mtp": stage_mtp}
 TITLES = {"kernels": "(a) build / JIT-load the kernels", "tests": "(b) kernel-vs-reference GPU tests",
           "train": "(c) tri-tiny bf16 per feature set", "bench": "(d) fused vs unfused at Tri-21B shapes",
-          "mfu": "(e) tri-21b per-GPU proxy MFU"}
+          "mfu": "(e) tri-21b per-GPU proxy MFU", "mtp": "(f) MTP share of the tri-21b proxy step"}
 
 
 def ok(summary, results=None, log=None):
