@@ -17,12 +17,12 @@ import warnings
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
 warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 from tri_megatron.config import ArgumentError, load_run_config  # noqa: E402
+from tri_megatron.launcher import launch_env  # noqa: E402
 
 
 def resolve_runtime(device: str):
     """The run's one device decision (tri_megatron.runtime); ArgumentError when it cannot be honoured."""
     from tri_megatron.runtime import DeviceError, resolve
-    from tri_megatron.training.distributed import launch_env
 
     try:
         return resolve(device, local_rank=launch_env()["local_rank"])
@@ -41,8 +41,6 @@ def check_before_start(argv=None):
         hint = " (found in --save: auto-resume; use a new --save directory to start afresh)"
         check_load_fits(cfg, hint if cfg.checkpoint.auto_resume else "")
     except ArgumentError as e:
-        from tri_megatron.training.distributed import launch_env
-
         # every rank parses the same command line: rank 0 says it once (a device error is per rank)
         if launch_env()["rank"] == 0 or "(rank " in str(e):
             print(f"pretrain_tri.py: error: {e}", file=sys.stderr, flush=True)
@@ -77,8 +75,6 @@ def main(argv=None) -> list:
 
     complete = finished_run_message(cfg)  # a rerun of a finished run: say so, train nothing, exit 0
     if complete:
-        from tri_megatron.training.distributed import launch_env
-
         if launch_env()["rank"] == 0:
             print(f"tri_megatron: {complete}", flush=True)
         return []
@@ -87,7 +83,7 @@ def main(argv=None) -> list:
     from tri_megatron.convert.export_hook import make_on_save
     from tri_megatron.convert.hf_io import record_tokenizer
     from tri_megatron.training import fault
-    from tri_megatron.training.distributed import destroy_distributed, init_distributed, launch_env
+    from tri_megatron.training.distributed import destroy_distributed, init_distributed
     from tri_megatron.training.loop import Trainer
     from tri_megatron.training.metrics import MetricsLogger
 

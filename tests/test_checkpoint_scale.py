@@ -114,7 +114,7 @@ def test_disk_full_while_saving_stops_with_one_line_and_keeps_the_previous_check
 
 # ------------------------------------------------------------------ the files of a save directory, in-process
 def _fake_checkpoint(root, iteration: int, shard_bytes: int = 100) -> str:
-    from tri_megatron.training.checkpoint_files import file_sizes, iter_dir
+    from tri_megatron.checkpoint_files import file_sizes, iter_dir
 
     path = iter_dir(str(root), iteration)
     os.makedirs(path)
@@ -130,7 +130,7 @@ def _fake_checkpoint(root, iteration: int, shard_bytes: int = 100) -> str:
 
 
 def test_find_latest_checks_recorded_sizes(tmp_path):
-    from tri_megatron.training.checkpoint_files import find_latest_checkpoint
+    from tri_megatron.checkpoint_files import find_latest_checkpoint
 
     paths = {it: _fake_checkpoint(tmp_path, it) for it in (2, 4, 6)}
     said = []

@@ -248,7 +248,7 @@ def test_exit_conditions_and_nonfinite_policy():
 
 
 def test_launch_env_reads_torchrun_and_slurm_through_one_path():
-    from tri_megatron.training.distributed import first_slurm_host, launch_env
+    from tri_megatron.launcher import first_slurm_host, launch_env
 
     slurm = {"SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3", "SLURM_NODEID": "1",
              "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "4242"}

@@ -107,7 +107,7 @@ def run_config(args, world: int):
     """The RunConfig (tri_megatron.config) of the training flags on ``world`` GPUs; exit 2 on bad input."""
     from tri_megatron.config import ArgumentError
     from tri_megatron.config.run import config_from_namespace
-    from tri_megatron.training.distributed import launch_env
+    from tri_megatron.launcher import launch_env
 
     try:
         return config_from_namespace(args, world, launch_env()["rank"])
@@ -118,7 +118,7 @@ def run_config(args, world: int):
 def _runtime(cfg):
     """The device decision (tri_megatron.runtime) for ``--device``; exit 2 when it cannot be honoured."""
     from tri_megatron.runtime import DeviceError, resolve
-    from tri_megatron.training.distributed import launch_env
+    from tri_megatron.launcher import launch_env
 
     try:
         return resolve(cfg.training.device, local_rank=launch_env()["local_rank"])
@@ -397,7 +397,9 @@ def _peak(cfg):
 def run_layout(args) -> dict:
     from megatron.core import parallel_state
 
-    from tri_megatron.training.distributed import destroy_distributed, init_distributed, launch_env
+    from tri_megatron.launcher import launch_env
+
+    from tri_megatron.training.distributed import destroy_distributed, init_distributed
     from tri_megatron.training.loop import Trainer
     from tri_megatron.training.mock_data import MockData
 
@@ -494,7 +496,8 @@ def _calibration(cfg, res, hw_flops_per_gpu_iter, step, breakdown, source="run")
 def run_proxy(args) -> dict:
     from tri_megatron.perf import layout_model
     from tri_megatron.perf.proxy import ProxyRunner, make_spec, proxy_config, shard_flops_per_token
-    from tri_megatron.training.distributed import destroy_distributed, init_distributed, launch_env
+    from tri_megatron.launcher import launch_env
+    from tri_megatron.training.distributed import destroy_distributed, init_distributed
 
     if launch_env()["world_size"] != 1:
         _fail("--proxy-gpus runs the one-GPU shard in a single process; launch without torchrun")

@@ -23,7 +23,8 @@ that tests (tests/test_fault.py, tests/test_robustness.py, tests/test_slurm.py) 
   ``OSError(ENOSPC)`` to megatron-core the way megatron's own writer processes report theirs. Hook point:
   ``wrap_shard_writer``.
 
-This module imports nothing from the package at import time (the argument parser imports it).
+This module imports nothing from the package (the argument parser imports it; the save passes in its
+exit-signal check).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 ITER_SLEEP_ENV = "TRI_TEST_ITER_SLEEP_S"
 PAUSE_IN_SAVE_ENV = "TRI_TEST_PAUSE_IN_SAVE"
@@ -65,20 +66,19 @@ def iteration_sleep() -> None:
         time.sleep(float(s))
 
 
-def pause_in_save(tmp_dir: str, iteration: int, rank: int) -> None:
-    """TRI_TEST_PAUSE_IN_SAVE=ITER:SECONDS: stall inside the save of ITER, files written, before the rename."""
+def pause_in_save(tmp_dir: str, iteration: int, rank: int, interrupted: Callable[[], object]) -> None:
+    """TRI_TEST_PAUSE_IN_SAVE=ITER:SECONDS: stall inside the save of ITER, files written, before the rename,
+    until SECONDS pass or ``interrupted()`` (the run's exit-signal check) turns true."""
     spec = os.environ.get(PAUSE_IN_SAVE_ENV)
     if not spec:
         return
     it, _, seconds = spec.partition(":")
     if int(it) != iteration:
         return
-    from tri_megatron.training.fault import signal_received
-
     with open(os.path.join(tmp_dir, f"pause-rank{rank}.pid"), "w") as f:
         f.write(str(os.getpid()))
     deadline = time.time() + float(seconds or 60)
-    while time.time() < deadline and signal_received() is None:
+    while time.time() < deadline and not interrupted():
         time.sleep(0.05)
 
 

@@ -164,10 +164,3 @@ class ModelArch:
             if field in saved and saved[field] != ours and not (field == "mtp_num_layers" and not saved[field] and not ours):
                 return field, saved[field], ours
         return None
-
-    def hf_config(self, dtype: str, drop_mtp: bool = False, special_ids: Optional[dict] = None,
-                  source: Optional[dict] = None) -> dict:
-        """config.json of the Hugging Face export (the mapping itself lives in convert/hf_config.py)."""
-        from tri_megatron.convert.hf_config import hf_config_from_meta
-
-        return hf_config_from_meta(self.meta(), dtype, drop_mtp=drop_mtp, special_ids=special_ids, source=source)

@@ -14,6 +14,7 @@ import sys
 from typing import Optional
 
 from tri_megatron.config.errors import ArgumentError
+from tri_megatron.checkpoint_files import find_latest_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +83,6 @@ class CheckpointConfig:
         checkpoint is loaded when --load is not given (auto-resume, so a requeued job restarts with the same
         command line); ``--save X --load X`` on an empty X starts afresh with a warning (as Megatron);
         any other --load without a checkpoint is an ArgumentError."""
-        from tri_megatron.training.checkpointing import find_latest_checkpoint
-
         load, auto = self.load, False
         if load is None and self.save and find_latest_checkpoint(self.save) is not None:
             load, auto = self.save, True

@@ -28,6 +28,7 @@ from tri_megatron.config import model as model_flags
 from tri_megatron.config.optim import OptimConfig
 from tri_megatron.config.parallel import ParallelConfig
 from tri_megatron.config.training import TrainingConfig
+from tri_megatron.launcher import launch_env
 from tri_megatron.config.export import ExportConfig
 from tri_megatron.data.config import DataConfig
 
@@ -162,8 +163,6 @@ def load_run_config(argv: Optional[list] = None, world_size: Optional[int] = Non
     """The RunConfig of a command line (default: sys.argv) for ``world_size`` processes (default: the
     launcher's); raises ArgumentError."""
     if world_size is None or rank is None:
-        from tri_megatron.training.distributed import launch_env
-
         env = launch_env()
         world_size = env["world_size"] if world_size is None else world_size
         rank = env["rank"] if rank is None else rank

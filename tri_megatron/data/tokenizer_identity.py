@@ -21,6 +21,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from tri_megatron.launcher import launch_env
+
 logger = logging.getLogger("tri_megatron.data")
 
 SUFFIX = ".tokenizer.json"
@@ -94,8 +96,6 @@ def check_data_tokenizers(prefixes: List[str], model_vocab: Optional[int], token
             if np.iinfo(dtype).max < model_vocab:
                 continue  # the file's dtype cannot hold an id outside the vocabulary
             top = max_token_id(prefix, dtype)
-            from tri_megatron.training.distributed import launch_env
-
             if launch_env()["rank"] == 0:
                 logger.warning("--data-path %s: no %s (preprocessed before tokenizer records); checked its largest "
                                "token id (%d) against --vocab-size %d", prefix, SUFFIX, top, model_vocab)

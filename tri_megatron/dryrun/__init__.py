@@ -152,7 +152,7 @@ def format_report(cfg, world: int, gpu: str, memory_gib: float, reports: List[St
 
 def main(argv: Optional[list] = None) -> int:
     from tri_megatron.config.errors import ArgumentError
-    from tri_megatron.training.distributed import launch_env
+    from tri_megatron.launcher import launch_env
     from tri_megatron.perf.devices import GPU_SPECS
 
     argv = list(sys.argv[1:] if argv is None else argv)

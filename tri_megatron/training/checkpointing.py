@@ -46,11 +46,12 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
 from tri_megatron import runtime, test_hooks
+from tri_megatron.checkpoint_files import (META, TRACKER, file_sizes, find_latest_checkpoint,  # noqa: F401
+                                           is_complete, iter_dir, remove_debris, rotate, tracked_iteration)
 from tri_megatron.mcore_internals import (async_sharded_save, model_sharded_state_dicts, prime_optimizer_state,
                                           torch_adam_step_passthrough)
 from tri_megatron.training import optimizer_resume
-from tri_megatron.training.checkpoint_files import (META, TRACKER, file_sizes, find_latest_checkpoint,  # noqa: F401
-                                                    is_complete, iter_dir, remove_debris, rotate, tracked_iteration)
+from tri_megatron.training.fault import signal_received
 
 EXIT_SAVE_FAILED = 4  # process exit code when a checkpoint could not be written (e.g. the disk is full)
 
@@ -242,7 +243,7 @@ class CheckpointWriter:
         """Every rank has written its part (megatron's finalization ran): rank 0 records the file sizes,
         renames the checkpoint into place, then points the tracker at it."""
         rank = dist.get_rank()
-        test_hooks.pause_in_save(tmp, iteration, rank)  # TRI_TEST_PAUSE_IN_SAVE (tests/test_fault.py)
+        test_hooks.pause_in_save(tmp, iteration, rank, signal_received)  # TRI_TEST_PAUSE_IN_SAVE (tests/test_fault.py)
         dist.barrier()
         error = None
         if rank == 0:
