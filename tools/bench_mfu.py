@@ -12,7 +12,7 @@ GPU overlap, so they are kept out of the headline figures):
   stage's layers, 1/TP of heads / FFN / vocabulary, the layout's micro-batch size, sequence length
   and micro-batch count), built and stepped in one process, so one H100 measures the compute
   efficiency of e.g. tri-21b on 512 GPUs at TP=4 PP=4 DP=32. No communication and no pipeline
-  bubble are modelled; see ``tri_megatron/perf/proxy.py`` for exactly what is and is not.
+  bubble are modelled; see ``tri_megatron/training/proxy.py`` for exactly what is and is not.
 
 Reported: tokens/s per GPU, model TFLOP/s per GPU, MFU and HFU against the chip's dense bf16 peak
 (detected for H100/H200/B200/A100, ``--peak-tflops`` overrides; none on CPU unless given), MFU in
@@ -53,7 +53,7 @@ from tri_megatron.perf.devices import detect_peak_tflops  # noqa: E402
 from tri_megatron.perf.flops import (  # noqa: E402
     hardware_flops_per_iteration, model_flops_per_iteration,
 )
-from tri_megatron.perf.proxy import STAGES  # noqa: E402
+from tri_megatron.training.proxy import STAGES  # noqa: E402
 
 P2P_TIMERS = ("forward-recv", "backward-recv", "forward-send", "backward-send", "forward-send-forward-recv",
               "backward-send-backward-recv", "forward-send-backward-recv", "backward-send-forward-recv",
@@ -495,7 +495,7 @@ def _calibration(cfg, res, hw_flops_per_gpu_iter, step, breakdown, source="run")
 # --------------------------------------------------------------------------------- proxy mode --
 def run_proxy(args) -> dict:
     from tri_megatron.perf import layout_model
-    from tri_megatron.perf.proxy import ProxyRunner, make_spec, proxy_config, shard_flops_per_token
+    from tri_megatron.training.proxy import ProxyRunner, make_spec, proxy_config, shard_flops_per_token
     from tri_megatron.launcher import launch_env
     from tri_megatron.training.distributed import destroy_distributed, init_distributed
 
