@@ -89,7 +89,28 @@ def test_loader_without_cuda_falls_back_to_references(monkeypatch):
         monkeypatch.setattr(_kernels, "_state", dict(fresh))
         monkeypatch.delenv("TRI_DISABLE_CUDA_KERNELS")
         assert _kernels.use_kernels_for(torch.zeros(1)) is None  # CPU tensors never load kernels
-        assert _kernels.get_kernels() is None  # a CPU-only torch neither imports nor JIT-builds
+        assert _kernels.get_kernels() is None  # no CUDA device: neither imports nor JIT-builds
+
+
+def test_built_extension_is_not_used_without_a_cuda_device(monkeypatch):
+    """A CUDA torch with the extension built (pip install on a GPU-less login node, where nvcc is) must
+    not hand the kernels host tensors: the tests' virtual device reports ``is_cuda`` for host memory."""
+    import sys
+    import types
+
+    from tri_megatron.ops import _kernels
+
+    built = types.ModuleType("tri_megatron._cuda_kernels")
+    monkeypatch.setitem(sys.modules, "tri_megatron._cuda_kernels", built)
+    monkeypatch.delenv("TRI_DISABLE_CUDA_KERNELS", raising=False)
+    for available, expected in ((False, None), (True, built)):
+        monkeypatch.setattr(_kernels, "_state", {"tried": False, "module": None, "error": None, "agreed": False})
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        assert _kernels.get_kernels() is expected
+    monkeypatch.setattr(_kernels, "_state", {"tried": False, "module": None, "error": None, "agreed": False})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fake_cuda = types.SimpleNamespace(is_cuda=True)  # what a virtual-device tensor reports
+    assert _kernels.use_kernels_for(fake_cuda) is None and "no CUDA device" in str(_kernels._state["error"])
 
 
 @needs_nvcc

@@ -1,10 +1,12 @@
 """Loader of the compiled CUDA kernels (csrc/kernels -> ``tri_megatron._cuda_kernels``), one decision
 for the whole job.
 
-Each rank first tries, once per process:
+Only where torch sees a CUDA device (else the references run: a CUDA torch with the extension built on
+a GPU-less login node, or the tests' virtual device, whose tensors report ``is_cuda`` but live in host
+memory). Each rank first tries, once per process:
 1. the extension built by ``setup.py`` (present when the package was installed with a CUDA torch);
 2. a just-in-time build of the kernel sources with ``torch.utils.cpp_extension.load`` (needs a CUDA
-   torch, a visible GPU, nvcc and ninja; cached in torch's extension dir). The sources are those of
+   torch, nvcc and ninja; cached in torch's extension dir). The sources are those of
    the checkout (editable install) or the copy that setup.py ships in the package
    (``tri_megatron/_csrc/kernels``, non-editable install);
 3. ``None``: every op then runs its PyTorch reference.
@@ -89,6 +91,11 @@ def _load() -> Optional[ModuleType]:
     if os.environ.get("TRI_DISABLE_CUDA_KERNELS") == "1":
         _state["error"] = RuntimeError("TRI_DISABLE_CUDA_KERNELS=1")
         return None
+    if not torch.cuda.is_available():  # e.g. a CUDA torch with the extension built, on a login node: the
+        # kernels cannot run, and the tests' virtual device (is_cuda tensors in host memory) must get the
+        # references, so the extension is not even imported
+        _state["error"] = RuntimeError(f"torch {torch.__version__} sees no CUDA device")
+        return None
     try:
         from tri_megatron import _cuda_kernels  # type: ignore[attr-defined]
 
@@ -97,10 +104,9 @@ def _load() -> Optional[ModuleType]:
         _state["error"] = exc
     if os.environ.get("TRI_NO_JIT_KERNELS") == "1":
         return None
-    if not (torch.version.cuda and torch.cuda.is_available()):
+    if not torch.version.cuda:  # a device, but not CUDA's (a ROCm build): nothing to build with nvcc
         _state["error"] = RuntimeError(f"no prebuilt extension ({_state['error']}) and no JIT build: torch "
-                                       f"{torch.__version__} " + ("sees no CUDA device" if torch.version.cuda
-                                                                  else "is not a CUDA build"))
+                                       f"{torch.__version__} is not a CUDA build")
         return None
     try:
         _log.info("JIT-building the tri_megatron CUDA kernels (first use; cached by torch afterwards)")
