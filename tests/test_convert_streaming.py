@@ -185,3 +185,41 @@ def test_import_and_export_hold_one_tensor_at_a_time(tmp_path, megatron_single_p
     finally:
         gc.enable()
         megatron_writer.ChunkSource.chunk = orig
+
+
+def test_checkpoint_io_on_a_torch_whose_dcp_save_load_lack_no_dist(tmp_path, megatron_single_process, monkeypatch):
+    """torch 2.6 (setup.py's floor) has no ``no_dist`` on dcp.save / dcp.load: the converters then use
+    save_state_dict / load_state_dict. A checkpoint written that way reads back through the modern
+    entry point identically to one written through it, and the other way round."""
+    import torch.distributed.checkpoint as dcp
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from bench_convert_memory import WIDTH, synthesize_hf
+
+    from tri_megatron.convert import dcp_local
+    from tri_megatron.convert.from_hf import from_hf
+    from tri_megatron.convert.megatron_ckpt import MegatronCheckpoint
+
+    m = dict(WIDTH, num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+             kv_channels=16, vocab_size=300)
+    hf = str(tmp_path / "hf")
+    synthesize_hf(m, hf)
+    from_hf(hf, str(tmp_path / "modern"))
+    modern = dict(MegatronCheckpoint(str(tmp_path / "modern")).iter_canonical())
+
+    calls = []
+    for name in ("save_state_dict", "load_state_dict"):
+        real = getattr(dcp, name)
+        monkeypatch.setattr(dcp, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    monkeypatch.setattr(dcp_local, "_takes_no_dist", lambda fn: False)
+    from_hf(hf, str(tmp_path / "old"))
+    old_read_of_old = dict(MegatronCheckpoint(str(tmp_path / "old")).iter_canonical())
+    old_read_of_modern = dict(MegatronCheckpoint(str(tmp_path / "modern")).iter_canonical())
+    assert "save_state_dict" in calls and "load_state_dict" in calls
+    monkeypatch.undo()
+    modern_read_of_old = dict(MegatronCheckpoint(str(tmp_path / "old")).iter_canonical())
+    assert len(modern) == 2 * 6 + 3
+    for got in (old_read_of_old, old_read_of_modern, modern_read_of_old):
+        assert got.keys() == modern.keys()
+        for key, t in modern.items():
+            assert torch.equal(got[key], t), key

@@ -210,9 +210,7 @@ class MegatronCheckpoint:
     def _load(self, wanted: Dict[str, Tuple[tuple, tuple]], meta: bool = False) -> Dict[str, torch.Tensor]:
         """Read regions {key: (offsets, sizes)} of global tensors (only the chunks that overlap);
         with meta, only their shapes and dtypes (meta tensors, nothing read)."""
-        import warnings
-
-        import torch.distributed.checkpoint as dcp
+        from tri_megatron.convert.dcp_local import load_local
 
         if meta:
             return {key: torch.empty(sizes, dtype=self.tensors[key].properties.dtype, device="meta")
@@ -223,9 +221,7 @@ class MegatronCheckpoint:
             t.__get_tensor_shard__ = lambda index, t=t: t  # torch DCP's shard-lookup protocol
             state[key] = t
             regions[key] = (offsets, sizes)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.load(state, storage_reader=self.reader, planner=_RegionPlanner(regions), no_dist=True)
+        load_local(state, self.reader, _RegionPlanner(regions))
         for t in state.values():  # break the tensor <-> lambda cycle: freed when released, not at the next gc
             del t.__get_tensor_shard__
         return state

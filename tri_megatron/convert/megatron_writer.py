@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import warnings
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -170,6 +169,7 @@ def write_checkpoint(root: str, cfg, get_canonical: Callable[[str], torch.Tensor
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
+    from tri_megatron.convert.dcp_local import save_local
     from tri_megatron.convert.megatron_runtime import run_config_for
     from tri_megatron.mcore_internals import common_state_in_common_pt
     from tri_megatron.training.checkpointing import META, TRACKER, checkpoint_meta, iter_dir
@@ -186,10 +186,8 @@ def write_checkpoint(root: str, cfg, get_canonical: Callable[[str], torch.Tensor
     source = ChunkSource(get_canonical)
     path = iter_dir(root, iteration)
     os.makedirs(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save({}, storage_writer=dcp.FileSystemWriter(path, single_file_per_rank=True, thread_count=1),
-                 planner=_planner(tensors, objects, source), no_dist=True)
+    save_local({}, dcp.FileSystemWriter(path, single_file_per_rank=True, thread_count=1),
+               _planner(tensors, objects, source))
     save_config(CheckpointingConfig("torch_dist", 1), path)
     if legacy_common:
         torch.save(common, os.path.join(path, "common.pt"))
