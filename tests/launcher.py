@@ -48,3 +48,19 @@ def train(nproc: int, args: list, log_json: str, **kw) -> list:
     run(nproc, [*args, "--log-json", log_json], **kw)
     with open(log_json) as f:
         return [r for r in map(json.loads, f) if "lm_loss" in r]
+
+
+def dcp_tensors(path: str) -> dict:
+    """Every tensor of a distributed checkpoint directory (model and optimizer state), by key, read in
+    this process with torch.distributed.checkpoint."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from tri_megatron.convert.dcp_local import load_local
+
+    md = FileSystemReader(path).read_metadata()
+    sd = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items()
+          if isinstance(v, TensorStorageMetadata)}
+    load_local(sd, FileSystemReader(path), None)
+    return sd

@@ -7,23 +7,7 @@ import os
 import pytest
 import torch
 
-from launcher import TINY, train
-
-
-def _tensors(path: str) -> dict:
-    """Every tensor of a distributed checkpoint, by key, read with torch.distributed.checkpoint."""
-    import warnings
-
-    from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    md = FileSystemReader(path).read_metadata()
-    sd = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items()
-          if isinstance(v, TensorStorageMetadata)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        load(sd, storage_reader=FileSystemReader(path), no_dist=True)
-    return sd
+from launcher import TINY, dcp_tensors as _tensors, train
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from launcher import PRETRAIN, ROOT, TINY, free_port, run, train
+from launcher import PRETRAIN, ROOT, TINY, dcp_tensors, free_port, run, train
 
 FLAGS = TINY + ["--lr-warmup-iters", "3", "--lr-decay-style", "cosine"]
 
@@ -85,13 +85,7 @@ def _worker_pid(torchrun_pid: int, rank: int) -> int:
 
 def _weights(ckpt_dir: str) -> dict:
     """Every floating-point tensor of a dist checkpoint (model and optimizer state), by name."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = ckpt_dir + ".pt"
-    dcp_to_torch_save(ckpt_dir, out)
-    sd = torch.load(out, weights_only=False)
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    return {k: v for k, v in dcp_tensors(ckpt_dir).items() if v.is_floating_point()}
 
 
 def _same_losses(reference: list, records: list) -> None:
