@@ -207,8 +207,13 @@ def test_real_build_against_the_cuda_torch():
         _run([py, "-m", "pip", "install", "--no-deps", "--target", site, wheel], 600)
         with open(os.path.join(ROOT, "csrc", "kernels", "bindings.cpp")) as f:
             bound = re.findall(r'm\.def\("(\w+)"', f.read())
-        probe = ("import torch; from tri_megatron.ops import _kernels; m = _kernels.get_kernels(); "
-                 "print(m.__name__, m.__file__); print(*[n for n in %r if callable(getattr(m, n, None))])" % bound)
+        # the built extension imports and binds every kernel; the loader hands it out only where a CUDA
+        # device is (none here: the references run, and the tests' virtual device never reaches it)
+        probe = ("import torch, tri_megatron._cuda_kernels as m; from tri_megatron.ops import _kernels; "
+                 "print(m.__name__, m.__file__); print(*[n for n in %r if callable(getattr(m, n, None))]); "
+                 "print(torch.cuda.is_available(), _kernels.get_kernels() is m)" % bound)
         out = _run([py, "-c", probe], 300, cwd=d, env=dict(env, PYTHONPATH=site)).stdout.splitlines()
         assert out[0].split()[0] == "tri_megatron._cuda_kernels" and out[0].split()[1].startswith(site)
         assert out[1].split() == bound
+        available, loaded = out[2].split()
+        assert loaded == available, out[2]
