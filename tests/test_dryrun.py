@@ -121,3 +121,49 @@ def test_bad_launches_exit_2_with_one_line(tmp_path):
         errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
         assert len(errors) == 1 and message in errors[0], (message, proc.stderr[-2000:])
         assert "dry run:" not in proc.stdout  # nothing was built
+
+
+OLD_TORCH_RUNNER = textwrap.dedent("""
+    import json, sys, warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    import torch.distributed as dist
+    from tri_megatron.dryrun import run, validate
+    argv = sys.argv[2:]
+
+    def reports():
+        return [r.__dict__ for r in run(validate(argv, 16), 16, 79.6)]
+
+    native = reports()
+    try:  # torch >= 2.11 registers c10d's meta kernels here; torch 2.6 has none
+        import torch.distributed._meta_registrations as registered
+        registered.lib_impl._destroy()
+    except ImportError:
+        pass
+    dist.init_process_group("fake", store=__import__("torch.testing._internal.distributed.fake_pg",
+                                                      fromlist=["FakeStore"]).FakeStore(), rank=0, world_size=2)
+    try:
+        dist.broadcast(torch.empty(1, device="meta"), 0)
+        raised = False
+    except NotImplementedError:
+        raised = True
+    dist.destroy_process_group()
+    old = reports()
+    json.dump({"native": native, "old": old, "raised": raised}, open(sys.argv[1], "w"))
+""")
+
+
+def test_dry_run_on_a_torch_without_meta_collectives(tmp_path):
+    # torch 2.6 (setup.py's floor) has no meta kernels for c10d's collectives (megatron DDP's parameter
+    # broadcast raised): the fake world then registers them, and the dry run reports what it does natively
+    (tmp_path / "run.py").write_text(OLD_TORCH_RUNNER)
+    flags = ["--model", "tri-7b", "--mock-data", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
+             "2", "--use-distributed-optimizer", "--micro-batch-size", "1", "--global-batch-size", "64"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+    env.pop("TRI_VIRTUAL_DEVICE", None)
+    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "out.json"), *flags],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["raised"]  # the meta kernels are gone, as on torch 2.6
+    assert len(out["native"]) == 2 and out["old"] == out["native"]

@@ -5,7 +5,8 @@ megatron-core's real ``parallel_state`` on it, and every allocation on the meta 
   parallel state are those of ``rank`` in a ``world``-GPU job (collectives do nothing). megatron's
   gloo groups (used only to save / load distributed-optimizer state) are answered with the fake
   groups, since gloo cannot run on a fake store; ``all_gather_object`` returns this rank's object for
-  every rank (a symmetric world), which is what megatron's optimizer setup gathers for.
+  every rank (a symmetric world), which is what megatron's optimizer setup gathers for. On a torch
+  without meta kernels for c10d's collectives (2.6), ``_meta_collectives`` registers them.
 * ``MetaAllocations``: a torch-function mode that puts every factory call (``torch.empty(...,
   device="cuda")``, ``new_zeros``, ...) on the meta device (``torch.tensor(data)``, a host constant
   megatron reads back with ``.item()``, stays where it is) and answers megatron's
@@ -76,6 +77,43 @@ def _symmetric_all_gather_object(object_list, obj, group=None):
         object_list[i] = obj
 
 
+# c10d's collectives the model build and the meta forward / backward may run (megatron DDP's parameter
+# broadcast, sequence parallelism's gather / reduce-scatter, TP all-reduces)
+_C10D_OPS = ("broadcast_", "allreduce_", "allgather_", "_allgather_base_", "reduce_scatter_", "_reduce_scatter_base_",
+             "reduce_", "alltoall_base_")
+
+
+@contextlib.contextmanager
+def _meta_collectives(dist):
+    """Collectives on meta tensors do what the fake group does for real ones: nothing. Torch 2.11 / 2.13
+    register meta kernels for c10d's ops; torch 2.6 has none (DDP's broadcast of its meta buffers raised
+    NotImplementedError), so there each op gets one for this context, which hands the call to the op's
+    CPU kernel: the fake group's collective, which never reads the tensors."""
+    try:
+        dist.broadcast(torch.empty(1, device="meta"), 0)
+        native = True
+    except NotImplementedError:
+        native = False
+    if native:
+        yield
+        return
+    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    lib = torch.library.Library("c10d", "IMPL")
+
+    def to_cpu_kernel(op):
+        def meta(*args):
+            return op.redispatch(cpu, *args)
+        return meta
+
+    for name in _C10D_OPS:
+        if hasattr(torch.ops.c10d, name):
+            lib.impl(name, to_cpu_kernel(getattr(torch.ops.c10d, name).default), "Meta")
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
 @contextlib.contextmanager
 def fake_rank(rank: int, world: int, tp: int, pp: int, vpp, cp: int):
     import torch.distributed as dist
@@ -95,7 +133,7 @@ def fake_rank(rank: int, world: int, tp: int, pp: int, vpp, cp: int):
         ps.initialize_model_parallel(tp, pp, vpp if vpp and vpp > 1 else None, context_parallel_size=cp,
                                      create_gloo_process_groups=False)
         dist.all_gather_object = _symmetric_all_gather_object
-        with gloo_groups_as_main():  # the seam in mcore_internals
+        with gloo_groups_as_main(), _meta_collectives(dist):  # the first: the seam in mcore_internals
             model_parallel_cuda_manual_seed(1234)
             yield
     finally:

@@ -220,6 +220,9 @@ def measure_stage(cfg, world: int, pp_rank: int) -> StageMemory:
             act_chunks = _build_chunks(config, cfg)
             for c in act_chunks:
                 c.train()
-            activations, head = _activation_bytes(act_chunks, cfg)
+            # eager: megatron's torch.compile'd fusions store what they store either way, and compiling
+            # them for meta tensors costs more time than the whole measurement (torch 2.6's inductor fails)
+            with torch.compiler.set_stance("force_eager"):
+                activations, head = _activation_bytes(act_chunks, cfg)
         return StageMemory(pp_rank, [_describe(c) for c in chunks], params, weight_bytes, grad_bytes, opt_bytes,
                            activations, head, "measured: meta forward+backward of the real chunks")
