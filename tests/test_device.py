@@ -70,6 +70,26 @@ def test_virtual_device_follows_every_form_of_to(virtual_device):
     assert d.is_cuda and not h.is_cuda
 
 
+def test_virtual_device_sdpa_temporaries_follow_its_inputs(virtual_device):
+    """SDPA's math path builds its causal mask inside C++ with its inputs' options: device tensors, as on
+    a GPU (torch 2.6 takes that path for every CPU call with ``enable_gqa``); host inputs stay on the host."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tri_megatron.compat import DeviceMismatchError
+
+    q = torch.randn(1, 4, 8, 16, device="cuda", requires_grad=True)
+    k, v = torch.randn(1, 2, 8, 16, device="cuda"), torch.randn(1, 2, 8, 16, device="cuda")
+    with sdpa_kernel(SDPBackend.MATH):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out.sum().backward()
+        assert out.is_cuda and q.grad.is_cuda
+        host = torch.nn.functional.scaled_dot_product_attention(q.detach().cpu(), k.cpu(), v.cpu(), is_causal=True,
+                                                                enable_gqa=True)
+        assert not host.is_cuda and torch.allclose(host, out.detach().cpu(), atol=1e-6)
+        with pytest.raises(DeviceMismatchError):  # a host tensor among its inputs is still caught
+            torch.nn.functional.scaled_dot_product_attention(q, k.cpu(), v, is_causal=True, enable_gqa=True)
+
+
 def test_virtual_device_checks_the_backward_pass(virtual_device):
     """Backward ops go through the same check: a host tensor captured by a backward function raises."""
     from tri_megatron.compat import DeviceMismatchError

@@ -28,7 +28,9 @@ tensor handed alone to a collective is not caught, and code that picks its devic
 ``dist.get_backend() == "nccl"`` takes its gloo branch -- read ``tri_megatron.runtime.current().device``
 instead); ``torch.cuda.is_available()`` stays False (the truth: torch's own CUDA branches must not run);
 ``torch.save`` records device tensors as CPU ones; and C++ code that decides by the real device (it sees
-CPU tensors: e.g. SDPA picks its CPU kernels).
+CPU tensors: e.g. SDPA picks its CPU kernels). One such case is modelled: the tensors SDPA creates
+inside itself (torch 2.6's math path builds its causal mask with its inputs' options) are device
+tensors when its inputs are, as on a GPU.
 
 Two modes implement it, both pushed by ``enable()``: a ``TorchFunctionMode`` (device arguments,
 ``.cuda/.cpu/.to``, the ``device``/``is_cuda`` getters) and a ``TorchDispatchMode`` at aten level
@@ -53,6 +55,7 @@ class DeviceMismatchError(RuntimeError):
 
 _tracked: dict = {}  # storage address -> StorageWeakRef
 _marks_since_prune = 0
+_inside_device_composite = 0  # > 0 while a composite op with device inputs runs (see _COMPOSITES)
 
 
 def _storage_key(t: torch.Tensor):
@@ -134,6 +137,8 @@ class TrackDeviceTensors(TorchDispatchMode):
                 f"runtime device"
             )
         out = func(*args, **kwargs)
+        if _inside_device_composite and host is None and not on_device:
+            on_device = not any(True for _ in _tensors(args, kwargs.values()))  # a factory: its inputs' options
         if on_device and func not in _KEEPS_DESTINATION:
             for o in _tensors((out,)):
                 mark(o)
@@ -175,6 +180,10 @@ def _copy_to_host(t: torch.Tensor, **to_kwargs) -> torch.Tensor:
 _DEVICE_DESC, _IS_CUDA_DESC, _IS_CPU_DESC = torch.Tensor.device, torch.Tensor.is_cuda, torch.Tensor.is_cpu
 _NEW_FACTORIES = {torch.Tensor.new_empty, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_full,
                   torch.Tensor.new_tensor, torch.Tensor.new_empty_strided}
+
+
+# C++ composite ops whose internal temporaries are created with their inputs' options (device).
+_COMPOSITES = {torch.nn.functional.scaled_dot_product_attention}
 
 
 def handle_function(func, args, kwargs):
@@ -219,6 +228,13 @@ def handle_function(func, args, kwargs):
     if func in _NEW_FACTORIES and dev is None and is_device_tensor(args[0]):
         out = func(*args, **kwargs)
         return mark(out)
+    if func in _COMPOSITES and any(is_device_tensor(a) for a in _tensors(args, kwargs.values())):
+        global _inside_device_composite
+        _inside_device_composite += 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            _inside_device_composite -= 1
     return NotImplemented
 
 
