@@ -38,8 +38,16 @@ def test_plain_checkpoint_continues_with_the_distributed_optimizer_at_dp2(switch
         torch.testing.assert_close(tb[k], ta[k], rtol=1e-3, atol=1e-4 * ta[k].abs().max().item(), msg=k)
     mains = [k for k in tb if k.startswith("optimizer.state.param.")]
     assert len(mains) == len(moments) // 2
+    start = _tensors(str(switched["dir"] / "a" / "iter_0000002"))  # where both runs began iteration 3
     for k in mains:  # plain fp32 Adam's main weights are the model weights
-        torch.testing.assert_close(tb[k], ta[k[len("optimizer.state.param."):]], rtol=1e-5, atol=1e-7, msg=k)
+        name = k[len("optimizer.state.param."):]
+        step, diff = ta[name] - start[name], tb[k] - ta[name]
+        assert step.abs().max() > 0, name
+        # the two iterations' update, to ~1e-5 of its size: DP1 accumulates four micro-batches in one sum,
+        # DP2 two per rank, and Adam magnifies that rounding on rows with tiny gradients (an embedding
+        # row differs by 2e-3 of its update on the plain CPU path); a lost optimizer state is off by ~1
+        assert diff.norm() <= 1e-4 * step.norm(), (name, (diff.norm() / step.norm()).item())
+        assert diff.abs().max() <= 1e-2 * step.abs().max(), (name, diff.abs().max().item())
 
 
 def test_distributed_checkpoint_at_dp2_continues_with_plain_adam_at_dp1(switched):
