@@ -140,8 +140,8 @@ OLD_TORCH_RUNNER = textwrap.dedent("""
         registered.lib_impl._destroy()
     except ImportError:
         pass
-    dist.init_process_group("fake", store=__import__("torch.testing._internal.distributed.fake_pg",
-                                                      fromlist=["FakeStore"]).FakeStore(), rank=0, world_size=2)
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
         dist.broadcast(torch.empty(1, device="meta"), 0)
         raised = False
