@@ -78,17 +78,18 @@ def main(argv=None) -> list:
         if launch_env()["rank"] == 0:
             print(f"tri_megatron: {complete}", flush=True)
         return []
+    from tri_megatron.training import fault
+
+    # early, so a preemption notice that arrives while the model is built or loaded is not lost; and
+    # before megatron-core is imported (under torch 2.6 that starts inductor's compile worker)
+    fault.install_exit_signal_handler(cfg.fault, rank=launch_env()["rank"])
     from megatron.core import parallel_state
 
     from tri_megatron.convert.export_hook import make_on_save
     from tri_megatron.convert.hf_io import record_tokenizer
-    from tri_megatron.training import fault
     from tri_megatron.training.distributed import destroy_distributed, init_distributed
     from tri_megatron.training.loop import Trainer
     from tri_megatron.training.metrics import MetricsLogger
-
-    # early, so a preemption notice that arrives while the model is built or loaded is not lost
-    fault.install_exit_signal_handler(cfg.fault, rank=launch_env()["rank"])
     from tri_megatron.runtime import DeviceError
 
     try:

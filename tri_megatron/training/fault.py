@@ -28,6 +28,7 @@ The faults tests inject (``--inject-nan-at-iter``, ``TRI_TEST_*``) live in tri_m
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -84,9 +85,41 @@ def install_exit_signal_handler(cfg: FaultConfig, rank: int | None = None) -> Ex
     global _HANDLER
     if _HANDLER is None:
         _HANDLER = ExitSignalHandler(list(cfg.exit_signals), rank).install()
+        start_compile_workers()
     elif rank is not None:
         _HANDLER.rank = rank
     return _HANDLER
+
+
+@contextlib.contextmanager
+def sigint_blocked():
+    """SIGINT blocked in this thread and in every process started meanwhile (a signal mask is inherited
+    through fork and exec). One sent to this process meanwhile is not lost: another thread takes it (the
+    handler runs in the main thread as usual), or it stays pending until the mask is restored."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def start_compile_workers() -> None:
+    """Start torch inductor's compile-worker process now, with SIGINT blocked (``sigint_blocked``).
+
+    Ctrl-C in a terminal signals the whole foreground process group. Inductor's worker process ignores
+    SIGINT only once it has set itself up: seconds where triton is installed (it hashes triton's
+    library first), so a Ctrl-C in the first iteration made it print a KeyboardInterrupt traceback
+    next to the clean save (every time under torch 2.6). This starts what torch itself would start at
+    its first compile (nothing without triton, with ``TORCH_WARM_POOL=0`` or one compile thread):
+    torch 2.6 does it when ``torch._inductor.async_compile`` is first imported (megatron-core's import
+    does), later torch in ``maybe_warm_pool`` at its first compile. Call it before megatron-core is
+    imported."""
+    with sigint_blocked():
+        from torch._inductor import async_compile
+
+        warm = getattr(async_compile, "maybe_warm_pool", None)
+        if warm is not None:
+            warm()
 
 
 def signal_received() -> signal.Signals | None:
