@@ -106,8 +106,8 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         # megatron-core's own floor. CI runs 2.13 (CPU), tools/gpu_check.py the GPU node's. Run by hand
-        # (2026-11-30): 2.11+cu130 passes the whole suite, 2.6+cu124 all but one test (on Ctrl-C its
-        # inductor compile workers print a KeyboardInterrupt traceback; the run still saves and exits 0)
+        # (2026-11-30): 2.11+cu130 and 2.6+cu124 pass the whole suite. Under 2.6 one 2-rank gloo run hung
+        # once in ProcessGroupGloo's destructor (it holds the GIL; fixed in torch 2.8, pytorch#154976)
         "torch>=2.6",
         "megatron-core>=0.16,<0.20",  # CI: 0.16.1 (lock) and 0.19.0 (ends)
         "numpy>=1.26",
