@@ -214,6 +214,37 @@ def test_signal_handler_records_first_signal():
         h.restore()
 
 
+_TEARDOWN_SCRIPT = r"""
+import re, sys, time
+import torch.distributed as dist
+from tri_megatron.training import distributed
+
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d", rank=0, world_size=1)
+if sys.argv[1] == "hang":
+    def hang():  # as torch 2.6's gloo destructor did: block with the GIL held (exponential backtracking)
+        re.fullmatch("(a+)+b", "a" * 64)
+    dist.destroy_process_group = hang
+distributed.destroy_distributed(timeout_s=2)
+time.sleep(3)  # a teardown that returned leaves no timer behind
+print("returned", flush=True)
+"""
+
+
+def test_a_hung_process_group_teardown_ends_the_process():
+    """destroy_distributed ends a process whose teardown hangs (even holding the GIL) after its timeout,
+    with exit code 1 and the stacks on stderr, instead of holding the job to its time limit."""
+    for mode, rc in (("hang", 1), ("normal", 0)):
+        t0 = time.time()
+        res = subprocess.run([sys.executable, "-c", _TEARDOWN_SCRIPT % free_port(), mode], cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == rc, (mode, res.stdout[-2000:], res.stderr[-3000:])
+        if mode == "hang":
+            assert time.time() - t0 < 60 and "returned" not in res.stdout
+            assert "Timeout" in res.stderr and "destroy_distributed" in res.stderr, res.stderr[-3000:]
+        else:
+            assert "returned" in res.stdout and "Timeout" not in res.stderr
+
+
 def test_exit_conditions_and_nonfinite_policy():
     import torch
 

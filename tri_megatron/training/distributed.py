@@ -5,6 +5,7 @@ all ranks through the rendezvous store before the group is built."""
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import random
 
@@ -56,7 +57,23 @@ def set_seed(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def destroy_distributed() -> None:
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+# How long tearing the process groups down may take before the process ends itself (exit code 1).
+DESTROY_TIMEOUT_S = 300.0
+
+
+def destroy_distributed(timeout_s: float = DESTROY_TIMEOUT_S) -> None:
+    """Tear down megatron's groups and the default process group.
+
+    A teardown that hangs ends the process after ``timeout_s`` with every thread's stack on stderr and
+    exit code 1, rather than holding the job and its allocation until the time limit (and keeping
+    ``--slurm-requeue`` from requeueing it); checkpoints are written before this point. Seen: torch
+    2.6's gloo group destructor deadlocks on the GIL against a worker thread still freeing a finished
+    collective (torch 2.8 fixed it, pytorch#154976). The timer is faulthandler's, a C thread that needs
+    no GIL."""
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
+    try:
+        parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
