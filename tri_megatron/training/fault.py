@@ -81,7 +81,8 @@ _HANDLER: ExitSignalHandler | None = None
 
 
 def install_exit_signal_handler(cfg: FaultConfig, rank: int | None = None) -> ExitSignalHandler:
-    """Install the process-wide handler for --exit-signals (idempotent); return it."""
+    """Install the process-wide handler for --exit-signals (idempotent) and start inductor's compile
+    worker out of Ctrl-C's reach (``start_compile_workers``); return the handler."""
     global _HANDLER
     if _HANDLER is None:
         _HANDLER = ExitSignalHandler(list(cfg.exit_signals), rank).install()
