@@ -150,12 +150,28 @@ def test_forward_step_moves_the_batch_to_the_device(virtual_device):
     assert loss_sum.is_cuda and int(num_tokens) == 2 * 16
 
 
+class _CPGroup:
+    """Rank 1 of a context-parallel group of 2, for megatron's split in one process."""
+
+    def size(self):
+        return 2
+
+    def rank(self):
+        return 1
+
+
 def test_context_parallel_rank_gets_its_two_sequence_chunks(virtual_device, monkeypatch):
-    """CP=2, rank 1: chunks 1 and 2 of 4 (megatron's load-balanced split), on the device."""
+    """CP=2, rank 1: chunks 1 and 2 of 4 (megatron's load-balanced split), on the device. The split reads
+    the CP group the trainer passes (megatron-core 0.16 through group.size() / rank(), 0.19 through
+    torch.distributed; tests/test_mcore_internals.py runs it on a real group)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
-    monkeypatch.setattr(parallel_state, "get_context_parallel_world_size", lambda *a, **k: 2)
-    monkeypatch.setattr(parallel_state, "get_context_parallel_rank", lambda *a, **k: 1)
+    group = _CPGroup()
+    monkeypatch.setattr(parallel_state, "get_context_parallel_group", lambda *a, **k: group)
+    for name, answer in (("get_world_size", 2), ("get_rank", 1)):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda g=None, _r=real, _a=answer, **k: _a if g is group else _r(g, **k))
     batch = _trainer(virtual_device, cp=2)._device_batch(_host_batch(seq=16))
     assert batch["tokens"].shape == (2, 8) and batch["tokens"].is_cuda
     assert batch["position_ids"][0].tolist() == [4, 5, 6, 7, 8, 9, 10, 11]

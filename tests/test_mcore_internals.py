@@ -436,6 +436,55 @@ def test_common_state_location():
         _seam("CheckpointingConfig(sharded_backend, sharded_backend_version)")
 
 
+def test_common_state_read_without_a_process_group(megatron_single_process, tmp_path):
+    """convert/megatron_ckpt.py reads a Megatron-LM checkpoint's args in one process: from common.pt up to
+    0.18, from the common_state object (under common_state_object_key) that 0.19 writes among the shards."""
+    from argparse import Namespace
+
+    import torch.distributed.checkpoint as dcp
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from tri_megatron.convert.megatron_ckpt import read_common_state
+
+    state = {"args": Namespace(num_layers=3, swiglu=True), "iteration": 7,
+             "w": ShardedTensor.from_rank_offsets("w", torch.ones(2, 2), replica_id=0)}
+    dist_checkpointing.save(state, str(tmp_path))
+    stored = set(dcp.FileSystemReader(str(tmp_path)).read_metadata().state_dict_metadata)
+    in_file = (tmp_path / "common.pt").is_file()
+    assert in_file == mcore_internals.common_state_in_common_pt(), _seam("common.pt up to 0.18 only")
+    assert (mcore_internals.common_state_object_key() in stored) == (not in_file), \
+        _seam(f"0.19 stores the common state as {mcore_internals.common_state_object_key()!r}; stored: {sorted(stored)}")
+    common = read_common_state(str(tmp_path))
+    assert common["iteration"] == 7 and common["args"] == Namespace(num_layers=3, swiglu=True), common
+
+
+def _cp_split_worker(rank, port):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4)
+    try:
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # two CP groups of 2 in a world of 4
+        tokens = torch.arange(32).view(2, 16)  # two sequences of 16 tokens, 4 chunks of 4 under CP=2
+        out = mcore_internals.batch_on_this_cp_rank({"tokens": tokens, "labels": tokens + 100}, groups[rank // 2])
+        keep = [0, 1, 2, 3, 12, 13, 14, 15] if rank % 2 == 0 else [4, 5, 6, 7, 8, 9, 10, 11]
+        assert out["tokens"].tolist() == [keep, [16 + i for i in keep]], (rank, out["tokens"])
+        assert torch.equal(out["labels"], out["tokens"] + 100)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_on_this_cp_rank_on_a_real_group():
+    """training/loop.py's context-parallel split: in a world of 4 with two CP=2 groups, CP rank r keeps
+    sequence chunks r and 3-r of 4 (0.19 made is_hybrid_cp a required argument and reads the split from
+    the group alone: the whole world, were the group not passed)."""
+    import torch.multiprocessing as mp
+
+    from tri_megatron.local_dist import free_port
+
+    mp.spawn(_cp_split_worker, args=(free_port(),), nprocs=4, join=True)
+
+
 # =========================================================================================== host stand-ins
 def test_rng_tracker_hooks_are_module_functions(megatron_single_process):
     from megatron.core.tensor_parallel import random as mpu_random

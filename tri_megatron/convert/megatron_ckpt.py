@@ -9,7 +9,8 @@ memory stays at about one layer (or the embedding) whatever the model size; ``it
 yields the same names as meta tensors, for planning the output before anything is read.
 
 The architecture comes from ``tri_meta.json``; a Megatron-LM checkpoint without it is described by
-the ``args`` in its ``common.pt`` instead.
+the ``args`` in its common state instead (``common.pt`` up to megatron-core 0.18, an object among the
+shards since 0.19).
 """
 
 from __future__ import annotations
@@ -77,18 +78,54 @@ def meta_from_megatron_args(args) -> dict:
     }
 
 
+def read_common_state(path: str):
+    """The common (non-sharded) state of a torch_dist checkpoint, read in this process: ``common.pt``
+    (megatron-core up to 0.18) or the ``common_state`` object 0.19 stores among the shards; None when it
+    has neither. Unpickled like ``torch.load(weights_only=False)``: Megatron-LM's ``args`` is an argparse
+    namespace, so read only checkpoints you trust."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+
+    from tri_megatron.convert.dcp_local import load_local
+    from tri_megatron.mcore_internals import common_state_object_key
+
+    common = os.path.join(path, "common.pt")
+    if os.path.isfile(common):
+        return torch.load(common, map_location="cpu", weights_only=False)
+    key = common_state_object_key()
+    reader = dcp.FileSystemReader(path)
+    try:
+        if key not in reader.read_metadata().state_dict_metadata:
+            return None
+    except Exception:  # noqa: BLE001 - no readable metadata: no common state (MegatronCheckpoint says why)
+        return None
+
+    class RawBytes(dcp.DefaultLoadPlanner):  # the stored bytes as they are: unpickled below, on the CPU
+        def __init__(self):
+            super().__init__()
+            self.raw = {}
+
+        def load_bytes(self, read_item, value):
+            self.raw[read_item.dest_index.fqn] = value.read()
+
+    planner = RawBytes()
+    load_local({key: io.BytesIO()}, reader, planner)
+    state = torch.load(io.BytesIO(planner.raw[key]), map_location="cpu", weights_only=False)
+    return state[0] if isinstance(state, (list, tuple)) else state  # megatron stores a one-item list
+
+
 def read_checkpoint_meta(path: str) -> dict:
     tri = os.path.join(path, "tri_meta.json")
     if os.path.isfile(tri):
         with open(tri) as f:
             return json.load(f)
-    common = os.path.join(path, "common.pt")
-    if os.path.isfile(common):
-        state = torch.load(common, map_location="cpu", weights_only=False)
-        if state.get("args") is not None:
-            return {"iteration": state.get("iteration", 0), "model": meta_from_megatron_args(state["args"]),
-                    "layout": {}, "has_optimizer": False}
-    raise CheckpointError(f"{path}: neither tri_meta.json nor Megatron-LM args in common.pt describe the model")
+    state = read_common_state(path)
+    if isinstance(state, dict) and state.get("args") is not None:
+        return {"iteration": state.get("iteration", 0), "model": meta_from_megatron_args(state["args"]),
+                "layout": {}, "has_optimizer": False}
+    raise CheckpointError(f"{path}: neither tri_meta.json nor Megatron-LM args in its common state (common.pt, "
+                          f"or the checkpoint's common_state object) describe the model")
 
 
 def _expected_shapes(m: dict) -> Dict[str, tuple]:

@@ -59,7 +59,13 @@ Distributed data parallel and optimizer (``ops/fused_cross_entropy.py``, ``train
   ``AsyncRequest``): 0.19 added ``async_strategy`` defaulting to nvidia-resiliency-ext's writer:
   ``async_sharded_save`` asks for megatron's own.
 * the distributed checkpoint's common state: up to 0.18 ``common.pt`` (``CheckpointingConfig`` has
-  ``common_backend``), 0.19 a ``ShardedObject`` in the checkpoint: ``common_state_in_common_pt``.
+  ``common_backend``), 0.19 a ``ShardedObject`` in the checkpoint: ``common_state_in_common_pt``, and
+  that object's key for the single-process reader (``convert/megatron_ckpt.py``): ``common_state_object_key``.
+
+Training loop (``training/loop.py``):
+
+* ``utils.get_batch_on_this_cp_rank``: 0.19 added a required ``is_hybrid_cp`` and reads the CP size and
+  rank from ``cp_group`` only (None: the whole world): ``batch_on_this_cp_rank``.
 
 Host stand-ins (``compat/cpu.py``, ``dryrun/fake_world.py``, ``tools/bench_kernels.py``):
 
@@ -98,6 +104,7 @@ from tri_megatron.mcore_internals.mtp import (  # noqa: F401
 )
 from tri_megatron.mcore_internals.model import (  # noqa: F401
     ROPE_KWARG,
+    batch_on_this_cp_rank,
     decoder_block_spec,
     divert_rotary_pos_emb,
     extend_no_rope_freq_for_mtp,
@@ -115,6 +122,7 @@ from tri_megatron.mcore_internals.checkpoint import (  # noqa: F401
     _optimizers,
     async_sharded_save,
     common_state_in_common_pt,
+    common_state_object_key,
     model_sharded_state_dicts,
     prime_optimizer_state,
     torch_adam_step_passthrough,

@@ -1,5 +1,5 @@
 """Checkpoints: DistributedOptimizer state loading, the model chunks' sharded state dicts under the virtual-
-pipeline rank, asynchronous saves and where the common state lives.
+pipeline rank, asynchronous saves and where (under which key) the common state lives.
 
 Part of the megatron-core seam (``tri_megatron.mcore_internals``: see its docstring for every seam).
 """
@@ -109,3 +109,12 @@ def common_state_in_common_pt() -> bool:
     from megatron.core.dist_checkpointing.core import CheckpointingConfig
 
     return "common_backend" in {f.name for f in dataclasses.fields(CheckpointingConfig)}
+
+
+def common_state_object_key() -> str:
+    """The ``torch.distributed.checkpoint`` key of the common state 0.19 writes inside the checkpoint (the
+    ``ShardedObject`` ``"common_state"``, shape (1,), offset (0,)), for reading it without a process group
+    (``convert/megatron_ckpt.py``: Megatron-LM's ``args`` of a checkpoint without ``tri_meta.json``)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("common_state", None, (1,), (0,)).unique_key

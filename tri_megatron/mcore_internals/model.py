@@ -1,11 +1,13 @@
 """Model construction: TransformerConfig details (no_rope_freq for MTP, the wgrad-fusion flag), the RoPE keyword
-of SelfAttention, DDP's main_grad contract and the GPT layer / block / MTP specs' attention and norm slots.
+of SelfAttention, DDP's main_grad contract, the GPT layer / block / MTP specs' attention and norm slots, and
+the context-parallel split of the model's input batch.
 
 Part of the megatron-core seam (``tri_megatron.mcore_internals``: see its docstring for every seam).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -148,3 +150,19 @@ def decoder_block_spec(config, layer_spec, final_norm, vp_stage=None):
 
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
                                       layer_norm=final_norm)
+
+
+# ====================================================================== context-parallel batch split
+def batch_on_this_cp_rank(batch: dict, cp_group) -> dict:
+    """This context-parallel rank's part of a micro-batch: megatron's load-balanced split of every tensor
+    along the sequence (of 2*CP chunks, rank r keeps chunks r and 2*CP-1-r), by
+    ``megatron.core.utils.get_batch_on_this_cp_rank``. Up to 0.18 it takes ``(batch, cp_group=None)``,
+    None meaning parallel_state's CP group; 0.19 added a required ``is_hybrid_cp`` (False: the same
+    per-sequence split for batches without ``cu_seqlens``, which is all ours: packed sequences refuse
+    CP) and reads the size and rank from ``cp_group`` alone, where None means the whole world. So the
+    group is always passed."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=cp_group)
+    return get_batch_on_this_cp_rank(batch, cp_group=cp_group)

@@ -17,9 +17,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_batch_on_this_cp_rank
 
-from tri_megatron.mcore_internals import clear_mtp_tracker, take_mtp_losses
+from tri_megatron.mcore_internals import batch_on_this_cp_rank, clear_mtp_tracker, take_mtp_losses
 from tri_megatron import runtime, test_hooks
 from tri_megatron.model.builder import build_model_chunks
 from tri_megatron.model.config import transformer_config
@@ -95,7 +94,7 @@ class Trainer:
         if cu is not None:
             batch["packed_seq_params"] = packed_seq_params(cu.to(self.rt.device, non_blocking=True), max_seqlen)
         if self.cfg.parallel.cp > 1:
-            batch = get_batch_on_this_cp_rank(batch)
+            batch = batch_on_this_cp_rank(batch, parallel_state.get_context_parallel_group())
         return batch
 
     def _forward_step(self, data_iterator, model):
