@@ -81,8 +81,8 @@ def meta_from_megatron_args(args) -> dict:
 def read_common_state(path: str):
     """The common (non-sharded) state of a torch_dist checkpoint, read in this process: ``common.pt``
     (megatron-core up to 0.18) or the ``common_state`` object 0.19 stores among the shards; None when it
-    has neither. Unpickled like ``torch.load(weights_only=False)``: Megatron-LM's ``args`` is an argparse
-    namespace, so read only checkpoints you trust."""
+    has neither. Unpickled with ``weights_only=False`` (as torch's checkpoint planner does): Megatron-LM's
+    ``args`` is an argparse namespace, so read only checkpoints you trust."""
     import io
 
     import torch.distributed.checkpoint as dcp
@@ -101,17 +101,12 @@ def read_common_state(path: str):
     except Exception:  # noqa: BLE001 - no readable metadata: no common state (MegatronCheckpoint says why)
         return None
 
-    class RawBytes(dcp.DefaultLoadPlanner):  # the stored bytes as they are: unpickled below, on the CPU
-        def __init__(self):
-            super().__init__()
-            self.raw = {}
-
-        def load_bytes(self, read_item, value):
-            self.raw[read_item.dest_index.fqn] = value.read()
-
-    planner = RawBytes()
-    load_local({key: io.BytesIO()}, reader, planner)
-    state = torch.load(io.BytesIO(planner.raw[key]), map_location="cpu", weights_only=False)
+    holder = {key: io.BytesIO()}  # the default planner unpickles the stored bytes (weights_only=False)
+    load_local(holder, reader, dcp.DefaultLoadPlanner())
+    state = holder[key]
+    if isinstance(state, io.BytesIO):
+        state.seek(0)
+        state = torch.load(state, map_location="cpu", weights_only=False)
     return state[0] if isinstance(state, (list, tuple)) else state  # megatron stores a one-item list
 
 

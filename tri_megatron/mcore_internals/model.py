@@ -7,6 +7,7 @@ Part of the megatron-core seam (``tri_megatron.mcore_internals``: see its docstr
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Optional
 
@@ -161,8 +162,14 @@ def batch_on_this_cp_rank(batch: dict, cp_group) -> dict:
     per-sequence split for batches without ``cu_seqlens``, which is all ours: packed sequences refuse
     CP) and reads the size and rank from ``cp_group`` alone, where None means the whole world. So the
     group is always passed."""
+    split, extra = _cp_split()
+    return split(batch, cp_group=cp_group, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _cp_split():
+    """megatron's CP split and the extra keyword arguments this release needs (asked once, not per batch)."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
-        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=cp_group)
-    return get_batch_on_this_cp_rank(batch, cp_group=cp_group)
+    takes_hybrid = "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters
+    return get_batch_on_this_cp_rank, ({"is_hybrid_cp": False} if takes_hybrid else {})
