@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,6 +21,7 @@ def test_bench_kernels_runs_on_cpu(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["info"]["memory_method"] == "profiler allocation events"
+    assert data["info"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # the ISA the ratios hold for
     loss = [r for r in data["rows"] if r["bench"] == "mtp_loss"]
     rope = [r for r in data["rows"] if r["bench"] == "rope"]
     assert len(loss) == 2 and len(rope) == 4
@@ -41,7 +44,7 @@ def test_bench_kernels_explicit_shape_fp32_gradients_agree(tmp_path):
     """--shape runs the loss paths unscaled; in fp32 the fused gradients match both unfused paths."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "bench_kernels.py"), "--device", "cpu", "--only", "loss",
-           "--shape", "96,16,700", "--mtp", "0", "2", "--grad-mode", "ddp", "--dtype", "float32", "--iters", "1",
+           "--shape", "96,16,700", "--mtp", "0", "2", "--grad-mode", "ddp", "--dtype", "float32", "--iters", "3",
            "--warmup", "0", "--threads", "1", "--json", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -50,6 +53,10 @@ def test_bench_kernels_explicit_shape_fp32_gradients_agree(tmp_path):
         (96, 16, 700, 0), (96, 16, 700, 2)]
     for r in rows:
         assert r["grad_rel_err_fused_vs_torch"] < 1e-5 and r["grad_rel_err_fused_vs_unfused"] < 1e-5
+        # fused / baseline within each of the 3 repetitions: the ratio of the medians lies in that span
+        for sfx in ("", "_vs_torch"):
+            lo, hi = r[f"time_ratio{sfx}_range"]
+            assert 0 < lo <= r[f"time_ratio{sfx}"] * (1 + 1e-12) and r[f"time_ratio{sfx}"] <= hi * (1 + 1e-12), (sfx, r)
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_kernels.py"), "--shape", "96,16"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--shape" in bad.stderr

@@ -48,6 +48,7 @@ import statistics
 import sys
 import time
 import warnings
+from typing import Optional
 
 import torch
 
@@ -91,9 +92,10 @@ def time_ms(step, device, iters, warmup) -> float:
     return statistics.median(times)
 
 
-def time_interleaved(steps: dict, device, iters, warmup) -> dict:
+def time_interleaved(steps: dict, device, iters, warmup, per_rep: Optional[dict] = None) -> dict:
     """Median ms of each step, the steps alternating within every repetition (rotating their order),
-    so slow phases of a shared machine hit all of them alike."""
+    so slow phases of a shared machine hit all of them alike. ``per_rep``, if given, receives every
+    step's list of times, one per repetition (for ratios paired within a repetition)."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -104,6 +106,8 @@ def time_interleaved(steps: dict, device, iters, warmup) -> dict:
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
             times[name].append(time_ms(steps[name], device, 1, 0))
+    if per_rep is not None:
+        per_rep.update(times)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -199,7 +203,9 @@ def _bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_loc
     (allocated before the step, like DDP's gradient buffer) and the step ends with DDP's backward hook
     (``main_grad += grad`` unless the op already accumulated into it); the fused op accumulates into
     ``main_grad`` as the model does under DDP. Times are interleaved (the paths alternate within each
-    repetition) and the median is reported; gradients of the paths are compared (relative norm).
+    repetition) and the median is reported, with the span of fused / baseline within each repetition
+    (``time_ratio*_range``: how far a shared machine moves the ratio); gradients of the paths are
+    compared (relative norm).
     """
     import torch.nn.functional as F
 
@@ -279,7 +285,8 @@ def _bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_loc
             torch.mm(lg, w_det, out=gx)
             torch.mm(lg.t(), xf, out=gw_out)
 
-    for name, ms in time_interleaved({**paths, "gemms": gemms}, device, args.iters, args.warmup).items():
+    reps: dict = {}
+    for name, ms in time_interleaved({**paths, "gemms": gemms}, device, args.iters, args.warmup, reps).items():
         row[f"{name}_ms"] = ms
     del flat, gw_out
     for name, step in paths.items():
@@ -293,6 +300,9 @@ def _bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_loc
     for base in ("unfused", "torch"):
         sfx = "" if base == "unfused" else "_vs_torch"
         row[f"time_ratio{sfx}"] = row["fused_ms"] / row[f"{base}_ms"]
+        # fused over this path within each repetition: the spread a shared machine puts on the ratio
+        paired = [f / b for f, b in zip(reps["fused"], reps[base])]
+        row[f"time_ratio{sfx}_range"] = [min(paired), max(paired)]
         row[f"mem_ratio{sfx}"] = row["fused_peak_mib"] / max(row[f"{base}_peak_mib"], 1e-9)
     # the three GEMMs alone over megatron's time: the lowest fused/megatron time ratio any exact method
     # (which must run those GEMMs) can reach on this machine
@@ -303,7 +313,8 @@ def _bench_loss_case(args, device, dtype, vce, tp, depth, grad_mode, h, n, v_loc
           f"| megatron {row['unfused_ms']:9.1f} ms "
           f"{row['unfused_peak_mib']:8.1f} MiB | torch {row['torch_ms']:9.1f} ms {row['torch_peak_mib']:8.1f} MiB"
           f" | fused {row['fused_ms']:9.1f} ms {row['fused_peak_mib']:8.1f} MiB [{row['fused_backward']}] | "
-          f"time x{row['time_ratio']:.3f} (floor x{row['floor_ratio']:.3f}, vs torch x{row['time_ratio_vs_torch']:.3f}) mem x{row['mem_ratio']:.3f} "
+          f"time x{row['time_ratio']:.3f} [{_span(row['time_ratio_range'])}] (floor x{row['floor_ratio']:.3f}, "
+          f"vs torch x{row['time_ratio_vs_torch']:.3f} [{_span(row['time_ratio_vs_torch_range'])}]) mem x{row['mem_ratio']:.3f} "
           f"(vs torch x{row['mem_ratio_vs_torch']:.3f}) | grad rel err vs torch "
           f"{row['grad_rel_err_fused_vs_torch']:.1e}, vs megatron {row['grad_rel_err_fused_vs_unfused']:.1e}",
           flush=True)
@@ -335,17 +346,21 @@ def bench_loss(args, device, dtype, scale):
     return rows
 
 
+def _span(lo_hi) -> str:
+    return f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}"
+
+
 def print_loss_table(rows):
     """Markdown table of the loss rows (what BENCHMARKS.md quotes)."""
     print("\n| tokens | hidden | vocab/tp | D | mode | 3 GEMMs alone ms | megatron ms | torch ms | fused ms "
-          "| fused/megatron time | GEMMs/megatron (floor) | fused/torch time | megatron MiB | torch MiB | fused MiB | fused/megatron mem "
+          "| fused/megatron time | per repetition | GEMMs/megatron (floor) | fused/torch time | per repetition | megatron MiB | torch MiB | fused MiB | fused/megatron mem "
           "| fused/torch mem | grad rel err vs torch | vs megatron |")
-    print("|" + "---|" * 19)
+    print("|" + "---|" * 21)
     for r in rows:
         print(f"| {r['tokens']} | {r['hidden']} | {r['vocab_local']} | {r['mtp_depth']} | {r['grad_mode']} "
               f"| {r['gemms_ms']:.0f} | {r['unfused_ms']:.0f} | {r['torch_ms']:.0f} | {r['fused_ms']:.0f} "
-              f"| **{r['time_ratio']:.2f}** | {r['floor_ratio']:.2f} "
-              f"| {r['time_ratio_vs_torch']:.2f} | {r['unfused_peak_mib']:.0f} | {r['torch_peak_mib']:.0f} "
+              f"| **{r['time_ratio']:.2f}** | {_span(r['time_ratio_range'])} | {r['floor_ratio']:.2f} "
+              f"| {r['time_ratio_vs_torch']:.2f} | {_span(r['time_ratio_vs_torch_range'])} | {r['unfused_peak_mib']:.0f} | {r['torch_peak_mib']:.0f} "
               f"| {r['fused_peak_mib']:.0f} | **{r['mem_ratio']:.3f}** | {r['mem_ratio_vs_torch']:.3f} "
               f"| {r['grad_rel_err_fused_vs_torch']:.1e} | {r['grad_rel_err_fused_vs_unfused']:.1e} |", flush=True)
 
@@ -507,6 +522,8 @@ def main(argv=None):
     info = dict(device=torch.cuda.get_device_name(device) if on_gpu else "cpu", torch=torch.__version__,
                 kernels=kernels_available() if on_gpu else False, scale=scale,
                 memory_method="cuda.max_memory_allocated" if on_gpu else "profiler allocation events")
+    if not on_gpu:  # CPU ratios depend on the vector ISA (AVX2 / AVX-512) the GEMMs and softmax passes run on
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     print("bench_kernels:", json.dumps(info), flush=True)
     if not on_gpu and not args.shape:
         print("CPU run: sizes / %d per dimension, reference (PyTorch) path; memory ratios carry over, "
