@@ -85,19 +85,23 @@ def _dry_run_norm():
 
 @contextlib.contextmanager
 def _dry_run_layers():
-    """Flash-attention saves in the local core attention; RMSNorms with Transformer Engine's saves."""
+    """Flash-attention saves in the local core attention (causal, sliding-window and packed); RMSNorms with Transformer Engine's saves."""
     from tri_megatron.model import specs
     from tri_megatron.model.attention import SDPACoreAttention
 
     def attend(self, q, k, v, q_start):  # q [b, h, s, d]; k, v [b, groups, s, d], kept unexpanded as flash does
         return _FlashAttentionSaves.apply(q, k, v)
 
-    orig_attend, orig_norm = SDPACoreAttention._attend, specs.LOCAL_NORM
-    SDPACoreAttention._attend, specs.LOCAL_NORM = attend, _dry_run_norm()
+    def attend_packed(self, q, k, v, cu_seqlens, max_seqlen):  # thd (packed, and the sliding-window layers)
+        out = _FlashAttentionSaves.apply(*(x.permute(1, 0, 2)[None] for x in (q, k, v)))
+        return out[0].permute(1, 0, 2)  # [t, h, d], flash's varlen saves; no per-block SDPA on meta tensors
+
+    orig = SDPACoreAttention._attend, SDPACoreAttention._attend_packed, specs.LOCAL_NORM
+    SDPACoreAttention._attend, SDPACoreAttention._attend_packed, specs.LOCAL_NORM = attend, attend_packed, _dry_run_norm()
     try:
         yield
     finally:
-        SDPACoreAttention._attend, specs.LOCAL_NORM = orig_attend, orig_norm
+        SDPACoreAttention._attend, SDPACoreAttention._attend_packed, specs.LOCAL_NORM = orig
 
 
 def _build_chunks(config, cfg) -> list:
