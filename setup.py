@@ -122,7 +122,7 @@ setup(
     extras_require={
         # CI: 5.24.0 (lock) and 4.57.6 (ends); the KV-cache API of the export's modeling code is version-specific
         "hf": ["transformers>=4.57,<5.25"],
-        "test": ["pytest>=8", "transformers>=4.57,<5.25"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.57,<5.25"],  # tests/run_tests.sh: 2 workers
         # Optional engines; never required. (Never `pip install apex`: that name is another package.)
         "te": ["transformer-engine[pytorch]"],
     },

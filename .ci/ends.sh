@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PIP_IGNORE_REQUIRES_PYTHON=1 TRI_EXTRA_PACKAGES=triton TRI_VENV=.venv-ends \
   TRI_CONSTRAINTS=.ci/constraints-ends.txt bash tools/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONWARNINGS=ignore
-exec .venv-ends/bin/python -m pytest -q -p no:cacheprovider --disable-warnings \
+exec .venv-ends/bin/python -m pytest -q -p no:cacheprovider --disable-warnings -n "${TRI_TEST_WORKERS:-2}" --dist loadfile \
   tests/test_mcore_internals.py tests/test_fused_loss_schedule.py tests/test_fused_loss_sequence_parallel.py \
   tests/test_grad_accum_fusion.py \
   tests/test_hf_generate.py tests/test_convert.py tests/test_hf_serving.py tests/test_megatron_lm_checkpoint.py \

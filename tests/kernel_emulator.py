@@ -72,10 +72,11 @@ def build() -> ctypes.CDLL:
     out_dir = os.path.join(tempfile.gettempdir(), f"tri_cuda_emu_{digest}")
     lib_path = os.path.join(out_dir, "libtri_cuda_emu.so")
     if not os.path.exists(lib_path):
-        os.makedirs(out_dir, exist_ok=True)
+        work = os.path.join(out_dir, f"src.{os.getpid()}")  # per process: test workers may build at once
+        os.makedirs(work, exist_ok=True)
         units = [os.path.join(EMU, "driver.cpp")]
         for src in sources:
-            dst = os.path.join(out_dir, os.path.basename(src)[:-3] + ".cpp")
+            dst = os.path.join(work, os.path.basename(src)[:-3] + ".cpp")
             with open(src) as f, open(dst, "w") as g:
                 g.write(rewrite_launches(f.read()))
             units.append(dst)

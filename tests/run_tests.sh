@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONWARNINGS=ignore
-exec .venv/bin/python -m pytest tests -q -p no:cacheprovider --disable-warnings "$@"
+# Two workers (pytest-xdist), each taking whole test files (a file's module fixtures stay in one process):
+# most tests keep one core busy (one training process, OMP_NUM_THREADS=1). TRI_TEST_WORKERS=0: one process.
+exec .venv/bin/python -m pytest tests -q -p no:cacheprovider --disable-warnings \
+  -n "${TRI_TEST_WORKERS:-2}" --dist loadfile "$@"
