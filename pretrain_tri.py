@@ -11,6 +11,7 @@ training loop -> checkpoints and logs.
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 
 # megatron-core warns at import about optional fused kernels (TE/apex) it can do without.
@@ -30,9 +31,16 @@ def resolve_runtime(device: str):
         raise ArgumentError(f"{e} (rank {launch_env()['rank']})") from None
 
 
+# How long a rank other than 0 waits, after a bad command line, for rank 0 to say so (see below).
+ERROR_GRACE_S = 30.0
+
+
 def check_before_start(argv=None):
     """The run configuration and the runtime, with everything checkable before any process group or
     model exists checked; exit 2 with one line on error."""
+    from tri_megatron import test_hooks
+
+    test_hooks.start_delay(launch_env()["rank"])
     try:
         cfg = load_run_config(argv)  # --tokenizer is read here (the model's vocabulary follows it)
         rt = resolve_runtime(cfg.training.device)
@@ -41,9 +49,16 @@ def check_before_start(argv=None):
         hint = " (found in --save: auto-resume; use a new --save directory to start afresh)"
         check_load_fits(cfg, hint if cfg.checkpoint.auto_resume else "")
     except ArgumentError as e:
-        # every rank parses the same command line: rank 0 says it once (a device error is per rank)
-        if launch_env()["rank"] == 0 or "(rank " in str(e):
-            print(f"pretrain_tri.py: error: {e}", file=sys.stderr, flush=True)
+        # Every rank parses the same command line: rank 0 says it once (a device error is per rank). The
+        # others must not exit first: torchrun, and srun --kill-on-bad-exit, stop every rank once one has
+        # failed, and would stop rank 0 before it prints (a loaded node starts its ranks seconds apart).
+        # So they wait to be stopped, and say it themselves only if rank 0 has not failed (e.g. a file
+        # that rank 0's node has and theirs lacks).
+        rank = launch_env()["rank"]
+        if rank != 0 and "(rank " not in str(e):
+            time.sleep(ERROR_GRACE_S)
+            e = ArgumentError(f"{e} (rank {rank})")
+        print(f"pretrain_tri.py: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     return cfg, rt
 

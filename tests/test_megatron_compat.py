@@ -128,6 +128,32 @@ def test_argument_error_is_one_line_once_under_torchrun():
     assert "usage:" not in proc.stderr and "usage:" not in proc.stdout
 
 
+def test_argument_error_is_printed_when_rank_0_starts_late():
+    """Rank 0 reads its command line 5 s after rank 1, as on a loaded node: rank 1 waits to be stopped
+    instead of exiting first (torchrun would then stop rank 0 before it prints), so the line is there."""
+    proc = run(2, [*TINY, "--train-iters", "1", "--no-such-flag"], check=False, timeout=300,
+               extra_env={"TRI_TEST_START_DELAY": "0:5"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line and "pretrain_tri.py" in line]
+    assert len(errors) == 1 and "--no-such-flag" in errors[0] and "(rank" not in errors[0], proc.stderr[-3000:]
+
+
+def test_argument_error_on_a_rank_whose_rank_0_did_not_fail(monkeypatch, capsys):
+    """A rank other than 0 whose check fails, and which nobody stops after the grace period (rank 0 passed
+    it), says so itself, naming its rank, and exits 2."""
+    import pretrain_tri
+
+    monkeypatch.setattr(pretrain_tri, "ERROR_GRACE_S", 0.1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit) as e:
+        pretrain_tri.check_before_start([*TINY, "--no-such-flag"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pretrain_tri.py: error: unrecognized arguments: --no-such-flag")
+    assert err[0].endswith("(rank 3)"), err
+
+
 def test_megatron_lm_style_script_parses(tmp_path):
     """examples/megatron_lm_style.sh, unchanged, hands torchrun a command line that resolves (a stand-in
     torchrun prints it); the script itself runs end to end in the README's closing example."""

@@ -18,6 +18,8 @@ that tests (tests/test_fault.py, tests/test_robustness.py, tests/test_slurm.py) 
   checkpoint (with --async-save, the background writer) writes ``writer-rank<R>.pid`` into the temporary
   directory and sleeps SECONDS (60 if not given) before writing, so that a test can see training go on
   while the save is pending, and crash it then. Hook point: ``wrap_shard_writer``.
+* ``TRI_TEST_START_DELAY=RANK:SECONDS``: RANK sleeps SECONDS before it reads its command line, as a rank
+  that is still importing does on a loaded node. Hook point: ``start_delay`` in ``pretrain_tri.py``.
 * ``TRI_TEST_DISK_FULL_IN_SAVE=ITER[:RANK]``: the shard writer of RANK (every rank if not given) writes a
   few KiB of its first shard file and then fails as a full disk does: it reports
   ``OSError(ENOSPC)`` to megatron-core the way megatron's own writer processes report theirs. Hook point:
@@ -38,6 +40,7 @@ ITER_SLEEP_ENV = "TRI_TEST_ITER_SLEEP_S"
 PAUSE_IN_SAVE_ENV = "TRI_TEST_PAUSE_IN_SAVE"
 PAUSE_IN_SHARD_WRITE_ENV = "TRI_TEST_PAUSE_IN_SHARD_WRITE"
 DISK_FULL_ENV = "TRI_TEST_DISK_FULL_IN_SAVE"
+START_DELAY_ENV = "TRI_TEST_START_DELAY"
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +67,13 @@ def iteration_sleep() -> None:
     s = os.environ.get(ITER_SLEEP_ENV)
     if s:
         time.sleep(float(s))
+
+
+def start_delay(rank: int) -> None:
+    """TRI_TEST_START_DELAY=RANK:SECONDS: this rank starts late."""
+    spec = os.environ.get(START_DELAY_ENV)
+    if spec and int(spec.partition(":")[0]) == rank:
+        time.sleep(float(spec.partition(":")[2]))
 
 
 def pause_in_save(tmp_dir: str, iteration: int, rank: int, interrupted: Callable[[], object]) -> None:
