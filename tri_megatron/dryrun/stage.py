@@ -85,7 +85,8 @@ def _dry_run_norm():
 
 @contextlib.contextmanager
 def _dry_run_layers():
-    """Flash-attention saves in the local core attention (causal, sliding-window and packed); RMSNorms with Transformer Engine's saves."""
+    """Flash-attention saves in the local core attention (causal, sliding-window and packed); RMSNorms
+    with Transformer Engine's saves."""
     from tri_megatron.model import specs
     from tri_megatron.model.attention import SDPACoreAttention
 
@@ -97,7 +98,8 @@ def _dry_run_layers():
         return out[0].permute(1, 0, 2)  # [t, h, d], flash's varlen saves; no per-block SDPA on meta tensors
 
     orig = SDPACoreAttention._attend, SDPACoreAttention._attend_packed, specs.LOCAL_NORM
-    SDPACoreAttention._attend, SDPACoreAttention._attend_packed, specs.LOCAL_NORM = attend, attend_packed, _dry_run_norm()
+    SDPACoreAttention._attend, SDPACoreAttention._attend_packed = attend, attend_packed
+    specs.LOCAL_NORM = _dry_run_norm()
     try:
         yield
     finally:
