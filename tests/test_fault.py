@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from launcher import PRETRAIN, ROOT, TINY, dcp_tensors, free_port, run, train
@@ -146,8 +147,13 @@ def test_sigkill_during_save_leaves_previous_checkpoint_and_training_resumes(tmp
     partial = os.path.join(ckpt, "iter_0000004.tmp-save")
     pidfile = os.path.join(partial, "pause-rank0.pid")
     _poll("the save of iteration 4", lambda: os.path.exists(pidfile) and open(pidfile).read().strip(), proc, log)
+    # the helper of each rank that writes: megatron's writer sends its results through a spawned manager's queue
+    helpers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    assert helpers
     os.kill(int(open(pidfile).read()), signal.SIGKILL)  # rank 0: the one that would rename it into place
     assert _wait(proc, log, timeout=120) != 0
+    _, alive = psutil.wait_procs(helpers, timeout=30)
+    assert not alive, "helper processes outlived their SIGKILLed trainer (tri_megatron/parent_death.py)"
     killed = _records(js)
     assert [r["iteration"] for r in killed] == [1, 2, 3, 4]
 

@@ -427,6 +427,36 @@ def test_async_sharded_save_round_trip(megatron_single_process, tmp_path):
     torch.testing.assert_close(loaded["w"], weight, msg=_seam("asynchronous sharded save round trip"))
 
 
+def test_write_results_queue_is_ours(megatron_single_process, tmp_path, monkeypatch):
+    """megatron's writer takes its write-results queue from filesystem_async's module global once that is
+    set: own_write_results_queue (called by async_sharded_save) sets it to the queue of a manager it
+    started (tests/test_fault.py's SIGKILL test checks that the manager dies with its trainer)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from tri_megatron.mcore_internals import checkpoint
+
+    getter = getattr(filesystem_async, "get_write_results_queue", None) or \
+        getattr(filesystem_async, "_get_write_results_queue", None)
+    assert getter is not None and hasattr(filesystem_async, "_results_queue"), \
+        _seam("filesystem_async: _results_queue and its getter")
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)  # as in a new process
+    monkeypatch.setattr(checkpoint, "_RESULTS_MANAGER", None)
+    seen, plan = [], filesystem_async.FileSystemWriterAsync.get_save_function_and_args
+
+    def recording(writer):  # called once the write is prepared
+        seen.append(getattr(writer, "results_queue", "missing"))
+        return plan(writer)
+
+    monkeypatch.setattr(filesystem_async.FileSystemWriterAsync, "get_save_function_and_args", recording)
+    state = {"w": ShardedTensor.from_rank_offsets("w", torch.ones(2, 2), replica_id=0)}
+    mcore_internals.async_sharded_save(state, str(tmp_path)).execute_sync()
+    ours = filesystem_async._results_queue
+    assert ours is not None and checkpoint._RESULTS_MANAGER is not None
+    assert getter() is ours, _seam("the write-results queue getter returns the module global once set")
+    assert seen and all(q is ours for q in seen), _seam("the writer sends its results through that queue")
+
+
 def test_common_state_location():
     from megatron.core.dist_checkpointing.core import CheckpointingConfig
 

@@ -57,7 +57,9 @@ Distributed data parallel and optimizer (``ops/fused_cross_entropy.py``, ``train
   (``transformer.utils.ensure_metadata_has_dp_cp_group``): ``model_sharded_state_dicts``.
 * an asynchronous sharded save (``dist_checkpointing.save(..., async_sharded_save=True)`` and its
   ``AsyncRequest``): 0.19 added ``async_strategy`` defaulting to nvidia-resiliency-ext's writer:
-  ``async_sharded_save`` asks for megatron's own.
+  ``async_sharded_save`` asks for megatron's own. The writer's results queue (the module global
+  ``strategies.filesystem_async._results_queue``, a spawned manager's queue, created on first use unless
+  set): ``own_write_results_queue`` starts that manager so that it dies with the trainer.
 * the distributed checkpoint's common state: up to 0.18 ``common.pt`` (``CheckpointingConfig`` has
   ``common_backend``), 0.19 a ``ShardedObject`` in the checkpoint: ``common_state_in_common_pt``, and
   that object's key for the single-process reader (``convert/megatron_ckpt.py``): ``common_state_object_key``.
@@ -124,6 +126,7 @@ from tri_megatron.mcore_internals.checkpoint import (  # noqa: F401
     common_state_in_common_pt,
     common_state_object_key,
     model_sharded_state_dicts,
+    own_write_results_queue,
     prime_optimizer_state,
     torch_adam_step_passthrough,
 )

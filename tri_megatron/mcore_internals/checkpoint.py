@@ -13,6 +13,8 @@ from typing import Iterator
 
 import torch
 
+from tri_megatron.mcore_internals.release import SeamError
+
 
 # ===================================================================== DistributedOptimizer state loading
 def _optimizers(optimizer) -> list:
@@ -94,13 +96,50 @@ def async_sharded_save(state: dict, checkpoint_dir: str):
     NamedTuple: ``async_fn`` writes this rank's shards; ``add_finalize_fn``, ``execute_sync``; scheduled by
     ``AsyncCallsQueue(persistent=).schedule_async_request``). 0.19 added ``async_strategy``, default
     ``"nvrx"``, which needs nvidia-resiliency-ext (not one of our dependencies): ask for megatron's own
-    writer (``"mcore"``), the one 0.16 always uses."""
+    writer (``"mcore"``), the one 0.16 always uses. Its results queue is ours (``own_write_results_queue``).
+    Call it from the main thread."""
     from megatron.core import dist_checkpointing
 
+    own_write_results_queue()
     kwargs = {}
     if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
         kwargs["async_strategy"] = "mcore"
     return dist_checkpointing.save(state, checkpoint_dir, async_sharded_save=True, **kwargs)
+
+
+_RESULTS_MANAGER = None  # the manager process behind megatron's write-results queue, while this process lives
+
+
+def _filesystem_async():
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not hasattr(filesystem_async, "_results_queue"):
+        raise SeamError("write-results queue", "dist_checkpointing.strategies.filesystem_async has no _results_queue")
+    return filesystem_async
+
+
+def own_write_results_queue() -> None:
+    """megatron's torch_dist writer sends every save's write results through the queue of a multiprocessing
+    manager that it spawns on first use and keeps in the module global ``filesystem_async._results_queue``
+    (its getter, ``_get_write_results_queue`` in 0.16 and ``get_write_results_queue`` in 0.19, returns the
+    global once set). Nothing stops that process when the trainer is killed: it lingered, holding a Python
+    with torch imported, after every SIGKILLed rank. Start the manager here instead, as megatron does (a
+    spawned ``SyncManager``), with an initializer that makes it die with this process (``parent_death``).
+    Once per process; nothing to do if the queue exists already."""
+    global _RESULTS_MANAGER
+    import multiprocessing
+    import os
+    from multiprocessing.managers import SyncManager
+
+    from tri_megatron.parent_death import exit_unless_parent
+
+    module = _filesystem_async()
+    if module._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=exit_unless_parent, initargs=(os.getpid(),))
+    module._results_queue = manager.Queue()
+    _RESULTS_MANAGER = manager
 
 
 def common_state_in_common_pt() -> bool:

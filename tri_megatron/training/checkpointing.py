@@ -50,6 +50,7 @@ from tri_megatron.checkpoint_files import (META, TRACKER, file_sizes, find_lates
                                            is_complete, iter_dir, remove_debris, rotate, tracked_iteration)
 from tri_megatron.mcore_internals import (async_sharded_save, model_sharded_state_dicts, prime_optimizer_state,
                                           torch_adam_step_passthrough)
+from tri_megatron.parent_death import die_with_parent
 from tri_megatron.training import optimizer_resume
 from tri_megatron.training.fault import signal_received
 
@@ -155,18 +156,11 @@ def _describe(exc: BaseException) -> Optional[str]:
 
 
 def _dies_with(trainer_pid: int, write):
-    """The background shard writer (forked by megatron's async caller) ends with the training process:
-    a writer outliving a crashed trainer could write into the same temporary directory as the save of
-    the rerun. Linux's parent-death signal; elsewhere the writer only checks its parent at start."""
+    """The background shard writer (forked by megatron's async caller) ends with the training process
+    (``parent_death``): a writer outliving a crashed trainer could write into the same temporary directory
+    as the save of the rerun."""
     def write_in_child(*args, **kwargs):
-        try:
-            import ctypes
-            import signal
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-        if os.getppid() != trainer_pid:  # the trainer is gone already
+        if not die_with_parent(trainer_pid):  # the trainer is gone already
             return None
         return write(*args, **kwargs)
 
