@@ -2,19 +2,30 @@
 
 The runs inherit TRI_VIRTUAL_DEVICE (tests/conftest.py sets it to 1 unless given): ``--device auto``
 then trains on the virtual accelerator. ``virtual=True/False`` forces one or the other for a run.
+
+A run that must succeed (``check=True``, so every ``train``) is forked from ``tests/fork_server.py``, a
+process of this test process that has imported torch and megatron-core already, with the environment
+torchrun gives its workers: that saves each rank about 10 s of imports. The others (a run expected to
+fail, whose exit code and error lines the test reads) go through torchrun, as does every run with
+TRI_TEST_FORK_SERVER=0.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 
 from tri_megatron.local_dist import free_port  # noqa: F401 (tests import it from here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(ROOT, "pretrain_tri.py")
+FORK_SERVER = os.path.join(ROOT, "tests", "fork_server.py")
 
 # The tiny preset cut further so that a 4-process run takes seconds on 2 cores.
 TINY = ["--model", "tri-tiny", "--mock-data", "--seq-length", "64", "--micro-batch-size", "2",
@@ -35,10 +46,61 @@ def run(nproc: int, args: list, check: bool = True, timeout: int = 600, virtual=
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), PRETRAIN, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and os.environ.get("TRI_TEST_FORK_SERVER", "1") != "0":
+        if nproc > 1:
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=cmd[cmd.index("--master_port") + 1])
+        proc = _forked(nproc, args, env, timeout)
+        cmd = ["(fork server)", *cmd]
+    else:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+_SERVER = None  # tests/fork_server.py, started on first use, one per test process
+
+
+def _server() -> subprocess.Popen:
+    global _SERVER
+    if _SERVER is None or _SERVER.poll() is not None:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        _SERVER = subprocess.Popen([sys.executable, FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True, cwd=ROOT, env=env)
+    return _SERVER
+
+
+def _reply(server: subprocess.Popen, deadline: float):
+    """The server's next reply, or None at the deadline."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([server.stdout], [], [], left)[0]:
+            return None
+        line = server.stdout.readline()
+        if not line:
+            raise AssertionError(f"tests/fork_server.py ended (exit code {server.wait()})")
+        return json.loads(line)
+
+
+def _forked(nproc: int, args: list, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``pretrain_tri.py ARGS`` on nproc ranks forked by the fork server; output captured as subprocess.run's."""
+    server = _server()
+    with tempfile.TemporaryDirectory(prefix="tri-forked-") as d:
+        out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
+        request = {"nproc": nproc, "script": PRETRAIN, "args": list(args), "env": env, "cwd": ROOT,
+                   "stdout": out, "stderr": err}
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        deadline = time.monotonic() + timeout + 120  # the first request also waits for the server's imports
+        leader = _reply(server, deadline)["leader"]
+        done = _reply(server, time.monotonic() + timeout)
+        if done is None:  # stop the whole run (the leader's session), then collect its exit
+            os.killpg(leader, signal.SIGKILL)
+            _reply(server, time.monotonic() + 60)
+        read = lambda path: open(path).read() if os.path.exists(path) else ""  # noqa: E731
+        if done is None:
+            raise subprocess.TimeoutExpired(["(fork server)", PRETRAIN, *args], timeout, read(out), read(err))
+        return subprocess.CompletedProcess(["(fork server)", PRETRAIN, *args], done["returncode"], read(out), read(err))
 
 
 def train(nproc: int, args: list, log_json: str, **kw) -> list:
