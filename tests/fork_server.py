@@ -13,7 +13,9 @@ What is not exercised here: torchrun itself and its agent's store. The runs that
 codes, signals and errors go through torchrun (``launcher.run(..., check=False)`` and tests/test_fault.py).
 
 Protocol: one JSON request per line on stdin ({"nproc", "script", "args", "env", "cwd", "stdout",
-"stderr"}), one JSON reply per line on stdout ({"leader": pid} once started, then {"returncode": n}).
+"stderr"}), one JSON reply per line on stdout ({"leader": pid} once started, then {"returncode": n}; or
+{"unavailable": why} if the imports left more than one thread, which a fork must not copy: the launcher
+then uses torchrun).
 """
 
 import json
@@ -92,8 +94,13 @@ def serve():
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(2, 1)  # stray prints of this process go to its stderr, never into the replies
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
     for line in requests:
         request = json.loads(line)
+        if threads != 1:  # a fork would copy one thread of them, and maybe a lock another one holds
+            replies.write(json.dumps({"unavailable": f"{threads} threads after the imports"}) + "\n")
+            replies.flush()
+            continue
         sys.stdout.flush()
         sys.stderr.flush()
         leader = os.fork()

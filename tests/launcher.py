@@ -46,12 +46,14 @@ def run(nproc: int, args: list, check: bool = True, timeout: int = 600, virtual=
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), PRETRAIN, *args]
-    if check and os.environ.get("TRI_TEST_FORK_SERVER", "1") != "0":
+    proc = None
+    if check and os.environ.get("TRI_TEST_FORK_SERVER", "1") != "0" and _UNAVAILABLE is None:
         if nproc > 1:
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=cmd[cmd.index("--master_port") + 1])
         proc = _forked(nproc, args, env, timeout)
-        cmd = ["(fork server)", *cmd]
-    else:
+        if proc is not None:
+            cmd = ["(fork server)", *cmd]
+    if proc is None:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -59,6 +61,7 @@ def run(nproc: int, args: list, check: bool = True, timeout: int = 600, virtual=
 
 
 _SERVER = None  # tests/fork_server.py, started on first use, one per test process
+_UNAVAILABLE = None  # why the fork server cannot fork (then runs go through torchrun)
 
 
 def _server() -> subprocess.Popen:
@@ -72,18 +75,19 @@ def _server() -> subprocess.Popen:
 
 def _reply(server: subprocess.Popen, deadline: float):
     """The server's next reply, or None at the deadline."""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([server.stdout], [], [], left)[0]:
-            return None
-        line = server.stdout.readline()
-        if not line:
-            raise AssertionError(f"tests/fork_server.py ended (exit code {server.wait()})")
-        return json.loads(line)
+    left = deadline - time.monotonic()
+    if left <= 0 or not select.select([server.stdout], [], [], left)[0]:
+        return None
+    line = server.stdout.readline()
+    if not line:
+        raise AssertionError(f"tests/fork_server.py ended (exit code {server.wait()})")
+    return json.loads(line)
 
 
-def _forked(nproc: int, args: list, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """``pretrain_tri.py ARGS`` on nproc ranks forked by the fork server; output captured as subprocess.run's."""
+def _forked(nproc: int, args: list, env: dict, timeout: float):
+    """``pretrain_tri.py ARGS`` on nproc ranks forked by the fork server; output captured as subprocess.run's.
+    None if the server cannot fork (its imports started threads)."""
+    global _UNAVAILABLE
     server = _server()
     with tempfile.TemporaryDirectory(prefix="tri-forked-") as d:
         out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
@@ -92,7 +96,15 @@ def _forked(nproc: int, args: list, env: dict, timeout: float) -> subprocess.Com
         server.stdin.write(json.dumps(request) + "\n")
         server.stdin.flush()
         deadline = time.monotonic() + timeout + 120  # the first request also waits for the server's imports
-        leader = _reply(server, deadline)["leader"]
+        started = _reply(server, deadline)
+        if started is None:
+            raise AssertionError("tests/fork_server.py did not start the run")
+        if "unavailable" in started:
+            _UNAVAILABLE = started["unavailable"]
+            print(f"tests/launcher.py: the fork server cannot fork ({_UNAVAILABLE}); runs use torchrun",
+                  file=sys.stderr)
+            return None
+        leader = started["leader"]
         done = _reply(server, time.monotonic() + timeout)
         if done is None:  # stop the whole run (the leader's session), then collect its exit
             os.killpg(leader, signal.SIGKILL)
