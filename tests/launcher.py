@@ -6,8 +6,9 @@ then trains on the virtual accelerator. ``virtual=True/False`` forces one or the
 A run that must succeed (``check=True``, so every ``train``) is forked from ``tests/fork_server.py``, a
 process of this test process that has imported torch and megatron-core already, with the environment
 torchrun gives its workers: that saves each rank about 10 s of imports. The others (a run expected to
-fail, whose exit code and error lines the test reads) go through torchrun, as does every run with
-TRI_TEST_FORK_SERVER=0.
+fail, whose exit code and error lines the test reads) go through torchrun, as do a run whose environment
+differs from the test process's in a variable read only as a process starts (``_startup``: a PYTHONPATH,
+say) and every run with TRI_TEST_FORK_SERVER=0.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def run(nproc: int, args: list, check: bool = True, timeout: int = 600, virtual=
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), PRETRAIN, *args]
     proc = None
-    if check and os.environ.get("TRI_TEST_FORK_SERVER", "1") != "0" and _UNAVAILABLE is None:
+    if check and os.environ.get("TRI_TEST_FORK_SERVER", "1") != "0" and _UNAVAILABLE is None \
+            and _startup(env) == _startup(_server_env()):  # the server's, once started (it is restarted if not)
         if nproc > 1:
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=cmd[cmd.index("--master_port") + 1])
         proc = _forked(nproc, args, env, timeout)
@@ -61,15 +63,31 @@ def run(nproc: int, args: list, check: bool = True, timeout: int = 600, virtual=
 
 
 _SERVER = None  # tests/fork_server.py, started on first use, one per test process
+_SERVER_STARTUP = None  # its startup variables (_startup)
 _UNAVAILABLE = None  # why the fork server cannot fork (then runs go through torchrun)
 
 
+def _server_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def _startup(env: dict) -> dict:
+    """The variables read as a process starts (the interpreter's, the thread pools' and the loader's): a
+    forked rank has its server's, so a run that sets others (a PYTHONPATH, say) goes through torchrun."""
+    return {k: v for k, v in env.items() if k.startswith(("PYTHON", "OMP_", "MKL_", "LD_", "MALLOC"))}
+
+
 def _server() -> subprocess.Popen:
-    global _SERVER
+    """The fork server, started (again) if it has not the startup variables a run would have now."""
+    global _SERVER, _SERVER_STARTUP
+    if _SERVER is not None and _SERVER_STARTUP != _startup(_server_env()):
+        _SERVER.stdin.close()  # it ends once its stdin closes
+        _SERVER.wait()
+        _SERVER = None
     if _SERVER is None or _SERVER.poll() is not None:
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        _SERVER_STARTUP = _startup(_server_env())
         _SERVER = subprocess.Popen([sys.executable, FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   text=True, cwd=ROOT, env=env)
+                                   text=True, cwd=ROOT, env=_server_env())
     return _SERVER
 
 

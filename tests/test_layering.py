@@ -11,6 +11,7 @@ ROOT = pathlib.Path(tri_megatron.__file__).parent
 
 # bottom to top; a unit may import only units of lower layers (and itself)
 LAYERS = [
+    {"parent_death"},
     {"mcore_internals", "launcher", "checkpoint_files", "test_hooks", "_data_helpers", "_cuda_kernels"},
     {"compat"},
     {"data", "ops", "runtime", "local_dist"},
