@@ -17,9 +17,36 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID")
 
 
+def _ephemeral_ports() -> tuple:
+    """The range the kernel takes ports from for bind(0) and outgoing connections (Linux's default if unknown)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(p) for p in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on at ``host`` now ("" = every interface), for MASTER_PORT and the like."""
-    with socket.socket() as s:
+    """A TCP port nobody listens on at ``host`` now ("" = every interface), for MASTER_PORT and the like.
+
+    The caller binds it seconds later (after its imports). A port from the kernel's ephemeral range could be
+    taken meanwhile by any socket of another process (gloo opens dozens per run): seen as EADDRINUSE when
+    two test runs start together. So the port is drawn at random below that range, where the kernel never
+    hands out ports by itself; only another caller drawing the same one could meet it."""
+    import random
+
+    low, _ = _ephemeral_ports()
+    draw = random.SystemRandom()
+    for _ in range(64 if low > 12000 else 0):
+        port = draw.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:  # in use (or in TIME_WAIT): draw again
+                continue
+            return port
+    with socket.socket() as s:  # an unusual range: leave it to the kernel
         s.bind((host, 0))
         return s.getsockname()[1]
 
