@@ -5,8 +5,9 @@ Each rank of a test run used to spend about 10 s of a 2-core CI machine importin
 instead: this process forks a launch leader per run (its own session, so a timeout can stop the whole
 run), the leader forks one process per rank with the environment torchrun gives its workers, and each
 rank runs ``pretrain_tri.py`` as ``__main__`` with its own argv, environment and working directory, its
-output appended to the run's files. Nothing of tri_megatron is imported here: its modules are imported
-fresh in each rank (module state such as the run's start time belongs to the run). Like torchrun, the
+output appended to the run's files. Nothing of tri_megatron is imported here but the stateless
+``parent_death``: its modules are imported fresh in each rank (module state such as the run's start time
+belongs to the run). Like torchrun, the
 leader stops the other ranks when one fails (SIGTERM, then SIGKILL after 30 s).
 
 What is not exercised here: torchrun itself and its agent's store. The runs that test launching, exit
@@ -35,16 +36,9 @@ import torch  # noqa: F401
 import torch.distributed  # noqa: F401
 import torch.distributed.checkpoint  # noqa: F401
 
+from tri_megatron.parent_death import die_with_parent
+
 STOP_GRACE_S = 30.0  # torchrun's default between SIGTERM and SIGKILL
-
-
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _rank_env(request: dict, rank: int) -> dict:
@@ -88,7 +82,7 @@ def _lead(request: dict) -> dict:
 
 def serve():
     """Answer requests until stdin closes. Returns only in a rank process: (request, environment)."""
-    _die_with_parent()
+    die_with_parent(os.getppid())  # ends with its test process
     requests = os.fdopen(os.dup(0), "r")
     replies = os.fdopen(os.dup(1), "w")
     null = os.open(os.devnull, os.O_RDWR)
