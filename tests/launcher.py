@@ -41,18 +41,17 @@ def run(nproc: int, args: list, check: bool = True, timeout: int = 600, virtual=
     if virtual is not None:
         env["TRI_VIRTUAL_DEVICE"] = "1" if virtual else "0"
     env.update(extra_env or {})
+    port = str(free_port())
     if nproc == 1:
         cmd = [sys.executable, PRETRAIN, *args]
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), PRETRAIN, *args]
+               "--master_addr", "127.0.0.1", "--master_port", port, PRETRAIN, *args]
     proc = None
     if check and os.environ.get("TRI_TEST_FORK_SERVER", "1") != "0" and _UNAVAILABLE is None \
             and _startup(env) == _startup(_server_env()):  # the server's, once started (it is restarted if not)
-        if nproc > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=cmd[cmd.index("--master_port") + 1])
-        proc = _forked(nproc, args, env, timeout)
+        proc = _forked(nproc, args, dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=port), timeout)
         if proc is not None:
             cmd = ["(fork server)", *cmd]
     if proc is None:
