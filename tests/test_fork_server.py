@@ -1,6 +1,10 @@
 """tests/fork_server.py (through tests/launcher.py) runs pretrain_tri.py as torchrun does: the same records,
-the same lines, the exit code of a failing rank, and a run that outlives its timeout is stopped whole."""
+the same lines, the exit code of a failing rank, and a run that outlives its timeout is stopped whole.
 
+These tests use the fork server whatever TRI_TEST_FORK_SERVER says (it chooses the launch path of the
+rest of the suite), so they test it under TRI_TEST_FORK_SERVER=0 as well."""
+
+import json
 import subprocess
 
 import psutil
@@ -10,9 +14,16 @@ import launcher
 from launcher import TINY, train
 
 
+@pytest.fixture(autouse=True)
+def fork_server_on(monkeypatch):
+    monkeypatch.setenv("TRI_TEST_FORK_SERVER", "1")
+
+
 def test_forked_run_matches_torchrun(tmp_path, monkeypatch):
     args = [*TINY, "--tensor-model-parallel-size", "2", "--train-iters", "3"]
-    forked = train(2, args, str(tmp_path / "forked.jsonl"))
+    log = str(tmp_path / "forked.jsonl")
+    assert launcher.run(2, [*args, "--log-json", log]).args[0] == "(fork server)"
+    forked = [r for r in map(json.loads, open(log)) if "lm_loss" in r]
     monkeypatch.setenv("TRI_TEST_FORK_SERVER", "0")
     torchrun = train(2, args, str(tmp_path / "torchrun.jsonl"))
     assert len(forked) == 3
