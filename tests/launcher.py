@@ -8,7 +8,7 @@ process of this test process that has imported torch and megatron-core already, 
 torchrun gives its workers: that saves each rank about 10 s of imports. The others (a run expected to
 fail, whose exit code and error lines the test reads) go through torchrun, as do a run whose environment
 differs from the test process's in a variable read only as a process starts (``_startup``: a PYTHONPATH,
-say) and every run with TRI_TEST_FORK_SERVER=0.
+say) and every run with TRI_TEST_FORK_SERVER=0 (tests/test_fork_server.py sets it to 1).
 """
 
 from __future__ import annotations
