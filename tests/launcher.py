@@ -55,10 +55,36 @@ def run(nproc: int, args: list, check: bool = True, timeout: int = 600, virtual=
         if proc is not None:
             cmd = ["(fork server)", *cmd]
     if proc is None:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        proc = _launched(cmd, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def _launched(cmd: list, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd), except that past the timeout (or on an interrupt) the ranks are killed along
+    with torchrun: torchrun starts each in a session of its own, and killing torchrun alone leaves them."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as e:
+        try:
+            tree = psutil.Process(proc.pid)
+            tree = [tree, *tree.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        out, err = proc.communicate()
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 _SERVER = None  # tests/fork_server.py, started on first use, one per test process

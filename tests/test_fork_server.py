@@ -5,6 +5,7 @@ These tests use the fork server whatever TRI_TEST_FORK_SERVER says (it chooses t
 rest of the suite), so they test it under TRI_TEST_FORK_SERVER=0 as well."""
 
 import json
+import os
 import subprocess
 
 import psutil
@@ -44,3 +45,15 @@ def test_forked_run_past_its_timeout_is_stopped(tmp_path):
     assert not psutil.Process(launcher._SERVER.pid).children(recursive=True)  # leader and ranks are gone
     again = train(1, [*TINY, "--train-iters", "1"], str(tmp_path / "after.jsonl"))  # the server still serves
     assert [r["iteration"] for r in again] == [1]
+
+
+def test_torchrun_run_past_its_timeout_is_stopped(tmp_path, monkeypatch):
+    """The other launch path: torchrun starts each rank in a session of its own, so the ranks are killed
+    along with it, not left training."""
+    monkeypatch.setenv("TRI_TEST_FORK_SERVER", "0")
+    log = str(tmp_path / "torchrun-timeout.jsonl")
+    with pytest.raises(subprocess.TimeoutExpired):
+        launcher.run(2, [*TINY, "--train-iters", "100000", "--log-json", log], timeout=40)
+    assert os.path.exists(log)  # the ranks were training when the timeout came
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if log in (p.info["cmdline"] or [])]
+    assert not left
