@@ -163,6 +163,11 @@ def train(nproc: int, args: list, log_json: str, **kw) -> list:
     if os.path.exists(log_json):
         os.remove(log_json)
     run(nproc, [*args, "--log-json", log_json], **kw)
+    return records(log_json)
+
+
+def records(log_json: str) -> list:
+    """The per-iteration training records of a --log-json file (evaluation records dropped)."""
     with open(log_json) as f:
         return [r for r in map(json.loads, f) if "lm_loss" in r]
 

@@ -4,7 +4,6 @@ the same lines, the exit code of a failing rank, and a run that outlives its tim
 These tests use the fork server whatever TRI_TEST_FORK_SERVER says (it chooses the launch path of the
 rest of the suite), so they test it under TRI_TEST_FORK_SERVER=0 as well."""
 
-import json
 import os
 import subprocess
 
@@ -24,7 +23,7 @@ def test_forked_run_matches_torchrun(tmp_path, monkeypatch):
     args = [*TINY, "--tensor-model-parallel-size", "2", "--train-iters", "3"]
     log = str(tmp_path / "forked.jsonl")
     assert launcher.run(2, [*args, "--log-json", log]).args[0] == "(fork server)"
-    forked = [r for r in map(json.loads, open(log)) if "lm_loss" in r]
+    forked = launcher.records(log)
     monkeypatch.setenv("TRI_TEST_FORK_SERVER", "0")
     torchrun = train(2, args, str(tmp_path / "torchrun.jsonl"))
     assert len(forked) == 3
